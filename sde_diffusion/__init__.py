@@ -1,0 +1,9 @@
+"""sde_diffusion: continuous-time score-based diffusion in JAX."""
+
+from .distributions import MultivariateNormal, Normal
+from .linear import AbstractLinearSDE, CriticallyDampedLangevin, LinearSDE
+from .noise import AbstractNoise, ElementwiseNoise, MatrixNoise
+from .schedule import VE, VP, AbstractScheduleSDE, CosineVP, EDM, RectifiedFlow, ScheduleSDE, SubVP
+from .sde import SDE, AbstractSDE
+
+# -- modules added by parallel work: keep one import line each below --
