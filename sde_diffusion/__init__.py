@@ -7,3 +7,9 @@ from .schedule import VE, VP, AbstractScheduleSDE, CosineVP, EDM, RectifiedFlow,
 from .sde import SDE, AbstractSDE
 
 # -- modules added by parallel work: keep one import line each below --
+from .oracles import GaussianMixture
+from .ddpm import DDPM
+from .metrics import sliced_wasserstein
+from .reverse import ProbabilityFlowODE, ReverseSDE
+from .sample import AbstractSamplingMethod, ProbabilityFlow, ReverseDiffusion, SampleInfo, sample
+from .simulate import simulate

@@ -25,7 +25,7 @@ class Normal(eqx.Module):
     def __init__(self, loc: ArrayLike, scale: ArrayLike):
         self.loc = jnp.asarray(loc, dtype=jnp.result_type(float))
         self.scale = jnp.asarray(scale, dtype=jnp.result_type(float))
-        require(self.scale > 0, "Normal scale must be positive")
+        require(self.scale >= 0, "Normal scale must be ≥ 0")
 
     def sample(self, key: PRNGKeyArray, shape: tuple[int, ...]) -> Array:
         eps = jax.random.normal(key, shape, dtype=self.scale.dtype)
