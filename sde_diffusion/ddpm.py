@@ -17,15 +17,6 @@ from .distributions import Normal
 from .schedule import VP
 
 
-def _normal(loc: Array, scale: Array) -> Normal:
-    """``Normal(loc, scale)`` that also allows ``scale = 0`` (a point mass).
-
-    ``Normal.__init__`` rejects ``scale = 0``, which the kernels here reach exactly at ``i = 0``
-    (marginal) and ``i = 1`` (posterior); the scale is therefore set with ``eqx.tree_at``.
-    """
-    return eqx.tree_at(lambda n: n.scale, Normal(loc, 1.0), jnp.asarray(scale, loc.dtype))
-
-
 class DDPM(eqx.Module):
     """T Gaussian kernels ``q(x_i | x_{i−1}) = N(√(1−β_i) x_{i−1}, β_i I)``, ``β_i ∈ (0, 1)``."""
 
@@ -94,7 +85,7 @@ class DDPM(eqx.Module):
         """``q(x_i | x_0) = N(√ᾱ_i x_0, (1−ᾱ_i) I)``, ``i ∈ [0, T]`` (scale 0 at ``i = 0``)."""
         log_ab = self.log_alpha_bars[self._index(i, 0)]
         x0 = jnp.asarray(x0, self.betas.dtype)
-        return _normal(jnp.exp(0.5 * log_ab) * x0, jnp.sqrt(-jnp.expm1(log_ab)))
+        return Normal(jnp.exp(0.5 * log_ab) * x0, jnp.sqrt(-jnp.expm1(log_ab)))
 
     def posterior(self, i: ArrayLike, x_i: ArrayLike, x0: ArrayLike) -> Normal:
         """``q(x_{i−1} | x_i, x_0) = N(μ̃, β̃_i I)`` for ``i ∈ [1, T]``, where
@@ -107,8 +98,8 @@ class DDPM(eqx.Module):
         beta = self.betas[i - 1]
         var_prev, var = -jnp.expm1(log_ab_prev), -jnp.expm1(log_ab)  # 1 − ᾱ_{i−1}, 1 − ᾱ_i
         x0, x_i = jnp.asarray(x0, beta.dtype), jnp.asarray(x_i, beta.dtype)
-        mean = jnp.exp(0.5 * log_ab_prev) * beta / var * x0 + jnp.sqrt(1 - beta) * var_prev / var * x_i * 1.001
-        return _normal(mean, jnp.sqrt(var_prev / var * beta))
+        coef0, coef_i = jnp.exp(0.5 * log_ab_prev) * beta / var, jnp.sqrt(1 - beta) * var_prev / var
+        return Normal(coef0 * x0 + coef_i * x_i, jnp.sqrt(var_prev / var * beta))
 
     def sample_chain(self, key: PRNGKeyArray, x0: ArrayLike, store_every: int = 1) -> Array:
         """Run the chain from ``x0`` (any shape, e.g. a batch ``(n, ...)``) with ``lax.scan``.

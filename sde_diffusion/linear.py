@@ -49,6 +49,7 @@ class AbstractLinearSDE(AbstractSDE):
     def diffusion_depends_on_x(self, x):
         return False
 
+    @eqx.filter_jit
     def transition(self, t: ArrayLike) -> tuple[Array, Array]:
         """``(Φ(t), Q(t))`` from the moment ODEs."""
         t = check_time(t, self.t0, self.t1)

@@ -107,6 +107,8 @@ class AbstractScheduleSDE(AbstractSDE):
         return Normal(0.0, self.sigma(self.t1))
 
     def __check_init__(self):
+        if not self.t0 < self.t1:
+            return  # AbstractSDE reports the empty domain
         ts = jnp.linspace(self.t0, self.t1, _GRID, dtype=jnp.result_type(float))
         alpha, sigma = jax.vmap(self.alpha)(ts), jax.vmap(self.sigma)(ts)
         name = type(self).__name__
@@ -274,8 +276,12 @@ class CosineVP(AbstractScheduleSDE):
     def _angle(self, t):
         return 0.5 * math.pi * (_float(t) + self.s) / (1 + self.s)
 
+    @property
+    def _cos0(self) -> float:
+        return math.cos(0.5 * math.pi * self.s / (1 + self.s))
+
     def log_alpha(self, t):
-        return jnp.log(jnp.cos(self._angle(t))) - math.log(math.cos(self._angle(0.0)))
+        return jnp.log(jnp.cos(self._angle(t))) - math.log(self._cos0)
 
     def alpha(self, t):
         return jnp.exp(self.log_alpha(t))
@@ -288,7 +294,7 @@ class CosineVP(AbstractScheduleSDE):
 
     def t_from_log_snr(self, log_snr):
         alpha = jnp.sqrt(jax.nn.sigmoid(_float(log_snr)))
-        angle = jnp.arccos(alpha * math.cos(self._angle(0.0)))
+        angle = jnp.arccos(alpha * self._cos0)
         return angle * (1 + self.s) * 2 / math.pi - self.s
 
 

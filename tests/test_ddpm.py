@@ -1,4 +1,4 @@
-"""DDPM chain: closed forms against independent numpy recursions / Bayes' rule, Monte Carlo, VP limit."""
+"""DDPM chain: closed forms vs numpy recursions and Bayes' rule, Monte Carlo, the VP limit."""
 
 import equinox as eqx
 import jax
@@ -65,7 +65,7 @@ def test_sample_chain_matches_marginal():
     np.testing.assert_array_equal(states[0], x0)
     for k in range(1, states.shape[0]):
         q = ddpm.marginal(k * every, x0)
-        z = np.asarray((states[k] - q.loc) / q.scale, np.float64)  # N(0, 1) if the marginal is right
+        z = np.asarray((states[k] - q.loc) / q.scale, np.float64)  # N(0, 1) if q is right
         np.testing.assert_array_less(np.abs(z.mean(0)), 5 / np.sqrt(n))
         np.testing.assert_array_less(np.abs(z.var(0) - 1), 5 * np.sqrt(2 / (n - 1)))
 
