@@ -29,35 +29,33 @@ class SampleInfo(eqx.Module):
     num_rejected_steps: int | Array
 
 
-def evaluations_per_solve(solver: diffrax.AbstractSolver, num_steps: Array) -> Array:
-    """Vector-field evaluations diffrax makes for ``num_steps`` step attempts (rejected included).
+def evaluations_per_step(solver: diffrax.AbstractSolver) -> tuple[int, int]:
+    """``(per_step, extra)``: a solve of ``N`` step attempts (rejected included) makes
+    ``extra + per_step · N`` vector-field evaluations.
 
-    Euler: 1 a step. Explicit Runge–Kutta with ``s`` stages: ``s`` a step, or ``1 + (s − 1)`` a step
-    when first-same-as-last. With ``dt0=None`` (initial-step selection) diffrax 0.7 makes exactly
-    this many evaluations too: tests/test_sample.py checks each case against a runtime counter.
+    Euler: ``(1, 0)``. Explicit Runge–Kutta with ``s`` stages: ``(s, 0)``, or ``(s − 1, 1)`` when
+    first-same-as-last. With ``dt0=None`` (initial-step selection) diffrax 0.7 makes exactly this
+    many too: tests/test_sample.py checks each case against a runtime counter.
     """
     if isinstance(solver, diffrax.Euler):
-        count = num_steps
-    elif isinstance(solver, diffrax.AbstractERK):
+        return 1, 0
+    if isinstance(solver, diffrax.AbstractERK):
         stages = solver.tableau.num_stages
-        count = 1 + (stages - 1) * num_steps if solver.tableau.fsal else stages * num_steps
-    else:
-        raise ValueError(
-            f"cannot count evaluations of {type(solver).__name__}: use diffrax.Euler or an explicit "
-            "Runge–Kutta solver (Heun, Midpoint, Ralston, Bosh3, Tsit5, Dopri5, Dopri8)"
-        )
-    return count
+        return (stages - 1, 1) if solver.tableau.fsal else (stages, 0)
+    raise ValueError(
+        f"cannot count evaluations of {type(solver).__name__}: use diffrax.Euler or an explicit "
+        "Runge–Kutta solver (Heun, Midpoint, Ralston, Bosh3, Tsit5, Dopri5, Dopri8)"
+    )
 
 
-def _info(stats: dict, nfe: Array) -> SampleInfo:
+def _info(stats: dict, solver: diffrax.AbstractSolver) -> SampleInfo:
+    per_step, extra = evaluations_per_step(solver)
     return SampleInfo(
-        nfe=jnp.asarray(nfe),
+        nfe=extra + per_step * stats["num_steps"],
         num_steps=stats["num_steps"],
         num_accepted_steps=stats["num_accepted_steps"],
         num_rejected_steps=stats["num_rejected_steps"],
     )
-
-
 class AbstractSamplingMethod(eqx.Module):
     """Maps ``x_start`` at forward time ``t_start`` to samples at ``t_end < t_start``."""
 
@@ -79,13 +77,14 @@ class ReverseDiffusion(AbstractSamplingMethod):
     def __check_init__(self):
         if self.num_steps < 1:
             raise ValueError("num_steps must be ≥ 1")
+        evaluations_per_step(self.solver)
 
     def __call__(self, sde, score, key, x_start, t_start, t_end):
         reverse = ReverseSDE(sde, score)
         s_span = jnp.asarray([sde.t1 - t_start, sde.t1 - t_end], dtype=x_start.dtype)
         grid = jnp.linspace(s_span[0], s_span[1], self.num_steps + 1)
         ys, stats = solve_paths(reverse, x_start, key, s_span, self.solver, grid, 0.0, self.num_steps + 1)
-        return ys[-1], _info(stats, evaluations_per_solve(self.solver, stats["num_steps"]))
+        return ys[-1], _info(stats, self.solver)
 
 
 class ProbabilityFlow(AbstractSamplingMethod):
@@ -106,29 +105,27 @@ class ProbabilityFlow(AbstractSamplingMethod):
             raise ValueError("num_steps must be ≥ 1 (or None for adaptive steps)")
         if not (self.rtol > 0 and self.atol > 0):
             raise ValueError("rtol and atol must be > 0")
+        evaluations_per_step(self.solver)
 
     def __call__(self, sde, score, key, x_start, t_start, t_end):
         flow = ProbabilityFlowODE(sde, score)
         field = jax.vmap(flow.vector_field, in_axes=(None, 0))
         s0, s1 = sde.t1 - t_start, sde.t1 - t_end
-        adaptive = self.num_steps is None
-        if adaptive:
-            controller, dt0 = diffrax.PIDController(rtol=self.rtol, atol=self.atol), None
+        if self.num_steps is None:
+            controller = diffrax.PIDController(rtol=self.rtol, atol=self.atol)
         else:
-            grid = jnp.linspace(s0, s1, self.num_steps + 1, dtype=x_start.dtype)
-            controller, dt0 = diffrax.StepTo(grid), None
+            controller = diffrax.StepTo(jnp.linspace(s0, s1, self.num_steps + 1, dtype=x_start.dtype))
         sol = diffrax.diffeqsolve(
             diffrax.ODETerm(lambda s, x, args: field(s, x)),
             self.solver,
             t0=s0,
             t1=s1,
-            dt0=dt0,
+            dt0=None,
             y0=x_start,
             stepsize_controller=controller,
             max_steps=self.max_steps,
         )
-        nfe = evaluations_per_solve(self.solver, sol.stats["num_steps"])
-        return sol.ys[-1], _info(sol.stats, nfe)
+        return sol.ys[-1], _info(sol.stats, self.solver)
 
 
 @eqx.filter_jit

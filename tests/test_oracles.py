@@ -12,12 +12,6 @@ import sde_diffusion as sd
 D = 4  # state dimension of the small test mixtures (even, so that CLD has n = 2)
 
 
-@pytest.fixture
-def x64():
-    with jax.enable_x64(True):
-        yield
-
-
 def diagonal_params():
     rng = np.random.default_rng(0)
     return rng.uniform(0.5, 1.5, 3), rng.normal(0, 1.0, (3, D)), rng.uniform(0.05, 0.5, (3, D)) ** 2
@@ -34,28 +28,31 @@ PARAMS = {"diagonal": diagonal_params, "full": full_params}
 MIXTURES = {kind: (lambda p=p: sd.GaussianMixture(*p())) for kind, p in PARAMS.items()}
 diagonal_mixture, full_mixture = MIXTURES["diagonal"], MIXTURES["full"]
 
-SCALAR_SDES = {
-    "VP": (lambda: sd.VP(), 0.3),
-    "SubVP": (lambda: sd.SubVP(), 0.4),
-    "VE": (lambda: sd.VE(), 0.2),
-    "EDM": (lambda: sd.EDM(), 0.7),
-    "CosineVP": (lambda: sd.CosineVP(), 0.5),
-    "RectifiedFlow": (lambda: sd.RectifiedFlow(), 0.6),
+# (sde, t) pairs. Instances are shared so that compiled transitions (diffrax solves for the
+# linear SDEs, ~1 s each to compile) are reused across tests.
+LINEAR = sd.LinearSDE(lambda t: -0.5 * (1 + t) * jnp.eye(D), lambda t: jnp.sqrt(1 + t) * jnp.eye(D))
+SDES = {
+    "VP": (sd.VP(), 0.3),
+    "SubVP": (sd.SubVP(), 0.4),
+    "VE": (sd.VE(), 0.2),
+    "EDM": (sd.EDM(), 0.7),
+    "CosineVP": (sd.CosineVP(), 0.5),
+    "RectifiedFlow": (sd.RectifiedFlow(), 0.6),
+    "LinearSDE": (LINEAR, 0.4),
+    "CLD": (sd.CriticallyDampedLangevin(n=D // 2), 0.3),
 }
-LINEAR_SDES = {
-    "LinearSDE": (
-        lambda: sd.LinearSDE(
-            lambda t: -0.5 * (1 + t) * jnp.eye(D), lambda t: jnp.sqrt(1 + t) * jnp.eye(D)
-        ),
-        0.4,
-    ),
-    "CLD": (lambda: sd.CriticallyDampedLangevin(n=D // 2), 0.3),
-}
-SDES = SCALAR_SDES | LINEAR_SDES
 
 
 def points(gm, sde, t, n=16, seed=3):
     return gm.marginal_sample(sde, t, jax.random.key(seed), n)
+
+
+def evaluate(gm, sde, t, x, *methods):
+    """The marginal ``methods`` of ``gm`` at ``(sde, t)``, vmapped over ``x``.
+
+    Eager: its small kernels are cached across tests, unlike a fresh ``jit`` per test.
+    """
+    return jax.vmap(lambda y: tuple(getattr(gm, m)(sde, t, y) for m in methods))(x)
 
 
 def by_hand_mixture(kind, a, q):
@@ -88,11 +85,10 @@ def test_data_score_is_gradient(x64, kind):
 @pytest.mark.parametrize("kind", MIXTURES)
 @pytest.mark.parametrize("name", SDES)
 def test_marginal_score_is_gradient(x64, kind, name):
-    gm, (make, t) = MIXTURES[kind](), SDES[name]
-    sde = make()
+    gm, (sde, t) = MIXTURES[kind](), SDES[name]
     x = points(gm, sde, t)
     grad = jax.vmap(jax.grad(lambda y: gm.marginal_log_prob(sde, t, y)))(x)
-    score = jax.vmap(lambda y: gm.marginal_score(sde, t, y))(x)
+    (score,) = evaluate(gm, sde, t, x, "marginal_score")
     np.testing.assert_allclose(score, grad, rtol=1e-8, atol=1e-8 * np.abs(grad).max())
 
 
@@ -103,12 +99,10 @@ def test_marginal_score_is_gradient(x64, kind, name):
 @pytest.mark.parametrize("name", SDES)
 def test_denoiser_is_tweedie(x64, kind, name):
     """``E[x0 | x] = A⁻¹(x + Q ∇log p_t(x))`` (``(x + σ² score)/α`` for schedules)."""
-    gm, (make, t) = MIXTURES[kind](), SDES[name]
-    sde = make()
+    gm, (sde, t) = MIXTURES[kind](), SDES[name]
     x = points(gm, sde, t)
     a, q = sde.transition(t)
-    score = jax.vmap(lambda y: gm.marginal_score(sde, t, y))(x)
-    denoised = jax.vmap(lambda y: gm.denoiser(sde, t, y))(x)
+    score, denoised = evaluate(gm, sde, t, x, "marginal_score", "denoiser")
     if np.ndim(a) == 0:
         tweedie = (x + q * score) / a
     else:
@@ -121,17 +115,14 @@ def test_denoiser_is_tweedie(x64, kind, name):
 
 @pytest.mark.parametrize("kind", MIXTURES)
 @pytest.mark.parametrize(
-    "make, t",
-    [(sd.VP, 0.0), (lambda: sd.EDM(t0=0.0), 0.0), (LINEAR_SDES["LinearSDE"][0], 0.0)],
-    ids=["VP", "EDM-t0=0", "LinearSDE"],
+    "sde, t", [(sd.VP(), 0.0), (sd.EDM(t0=0.0), 0.0), (LINEAR, 0.0)], ids=["VP", "EDM-t0=0", "LinearSDE"]
 )
 @pytest.mark.parametrize("precision", ["float32", "float64"])
-def test_zero_noise(kind, make, t, precision):
+def test_zero_noise(kind, sde, t, precision):
     with jax.enable_x64(precision == "float64"):
-        gm, sde = MIXTURES[kind](), make()
+        gm = MIXTURES[kind]()
         x = gm.sample(jax.random.key(0), 16)
-        score = jax.jit(jax.vmap(lambda y: gm.marginal_score(sde, t, y)))(x)
-        denoised = jax.jit(jax.vmap(lambda y: gm.denoiser(sde, t, y)))(x)
+        score, denoised = evaluate(gm, sde, t, x, "marginal_score", "denoiser")
         data_score = jax.vmap(gm.score)(x)
         assert denoised.dtype == score.dtype == jnp.dtype(precision)
     rtol = 1e-5 if precision == "float32" else 1e-12
@@ -143,13 +134,14 @@ def test_zero_noise(kind, make, t, precision):
 @pytest.mark.parametrize("t", [0.002, 80.0])
 def test_edm_extremes_float32_match_float64(kind, t):
     """At σ = 0.002 and σ = 80 float32 keeps float64's answer (no cancellation)."""
+    sde = SDES["EDM"][0]
+    with jax.enable_x64(True):
+        x = np.asarray(points(MIXTURES[kind](), sde, t), dtype=np.float32)
     results = []
     for x64 in (False, True):
         with jax.enable_x64(x64):
-            gm, sde = MIXTURES[kind](), sd.EDM()
-            x = points(gm, sd.EDM(), t).astype(jnp.float32)
-            fns = (gm.marginal_score, gm.denoiser, gm.marginal_log_prob)
-            results.append([jax.jit(jax.vmap(lambda y, f=f: f(sde, t, y)))(x) for f in fns])
+            gm = MIXTURES[kind]()
+            results.append(evaluate(gm, sde, t, x, "marginal_score", "denoiser", "marginal_log_prob"))
     for lo, hi in zip(*results):
         assert np.all(np.isfinite(lo))
         np.testing.assert_allclose(lo, hi, rtol=1e-4, atol=1e-4 * np.abs(hi).max())
@@ -161,11 +153,10 @@ def test_edm_extremes_float32_match_float64(kind, t):
 @pytest.mark.parametrize("kind", MIXTURES)
 @pytest.mark.parametrize("name", SDES)
 def test_marginal_log_prob_matches_scipy(x64, kind, name):
-    gm, (make, t) = MIXTURES[kind](), SDES[name]
-    sde = make()
+    gm, (sde, t) = MIXTURES[kind](), SDES[name]
     x = points(gm, sde, t)
     expected = scipy_log_prob(*by_hand_mixture(kind, *sde.transition(t)), np.asarray(x))
-    np.testing.assert_allclose(jax.vmap(lambda y: gm.marginal_log_prob(sde, t, y))(x), expected, rtol=1e-10)
+    np.testing.assert_allclose(*evaluate(gm, sde, t, x, "marginal_log_prob"), expected, rtol=1e-10)
 
 
 @pytest.mark.parametrize("kind", MIXTURES)
@@ -181,7 +172,8 @@ def test_marginal_density_integrates_to_one(x64, sde, t):
     gm = sd.GaussianMixture.ring(jax.random.key(0))
     grid = np.linspace(-6, 6, 601)
     xy = np.stack(np.meshgrid(grid, grid), axis=-1).reshape(-1, 2)
-    p = jnp.exp(jax.jit(jax.vmap(lambda y: gm.marginal_log_prob(sde, t, y)))(xy))
+    (log_p,) = evaluate(gm, sde, t, xy, "marginal_log_prob")
+    p = jnp.exp(log_p)
     np.testing.assert_allclose(p.sum() * (grid[1] - grid[0]) ** 2, 1.0, rtol=1e-6)
 
 
@@ -218,8 +210,7 @@ def test_sample_moments(x64, kind):
 @pytest.mark.parametrize("kind", MIXTURES)
 @pytest.mark.parametrize("name", ["VP", "EDM", "RectifiedFlow", "LinearSDE", "CLD"])
 def test_marginal_sample_moments(x64, kind, name):
-    gm, (make, t) = MIXTURES[kind](), SDES[name]
-    sde = make()
+    gm, (sde, t) = MIXTURES[kind](), SDES[name]
     a, q = sde.transition(t)
     samples = gm.marginal_sample(sde, t, jax.random.key(1), 100_000)
     if np.ndim(a) == 0:
@@ -233,16 +224,12 @@ def test_marginal_sample_moments(x64, kind, name):
 @pytest.mark.parametrize("kind", MIXTURES)
 @pytest.mark.parametrize("name", ["VP", "EDM", "LinearSDE", "CLD"])
 def test_marginal_is_the_marginal(x64, kind, name):
-    gm, (make, t) = MIXTURES[kind](), SDES[name]
-    sde = make()
+    gm, (sde, t) = MIXTURES[kind](), SDES[name]
     pt = gm.marginal(sde, t)
     x = points(gm, sde, t)
-    np.testing.assert_allclose(
-        jax.vmap(pt.log_prob)(x), jax.vmap(lambda y: gm.marginal_log_prob(sde, t, y))(x), rtol=1e-10
-    )
-    np.testing.assert_allclose(
-        jax.vmap(pt.score)(x), jax.vmap(lambda y: gm.marginal_score(sde, t, y))(x), rtol=1e-8, atol=1e-10
-    )
+    log_p, score = evaluate(gm, sde, t, x, "marginal_log_prob", "marginal_score")
+    np.testing.assert_allclose(jax.vmap(pt.log_prob)(x), log_p, rtol=1e-10)
+    np.testing.assert_allclose(jax.vmap(pt.score)(x), score, rtol=1e-8, atol=1e-10)
 
 
 # -- presets, dtypes, transforms ----------------------------------------------------------------
@@ -264,29 +251,19 @@ def test_random_is_diagonal_and_cheap():
     assert np.all((std >= 0.1) & (std <= 0.5))
     np.testing.assert_allclose(gm.weights.sum(), 1.0, rtol=1e-6)
     x = gm.sample(jax.random.key(1), 8)
-    assert jax.vmap(lambda y: gm.denoiser(sd.EDM(), 1.0, y))(x).shape == (8, 64)
+    assert evaluate(gm, sd.EDM(), 1.0, x, "denoiser")[0].shape == (8, 64)
 
 
 def test_default_dtype_is_float32():
     gm = diagonal_mixture()
     x = gm.sample(jax.random.key(0), 4)
     assert x.dtype == jnp.float32
-    assert jax.vmap(lambda y: gm.denoiser(sd.VP(), 0.5, y))(x).dtype == jnp.float32
+    assert evaluate(gm, sd.VP(), 0.5, x, "denoiser")[0].dtype == jnp.float32
 
 
-COSINE_JIT_BUG = pytest.mark.xfail(
-    strict=True,
-    raises=jax.errors.ConcretizationTypeError,
-    reason="CosineVP.log_alpha calls math.cos on a jnp value, which is traced under jit",
-)
-
-
-@pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=COSINE_JIT_BUG) if n == "CosineVP" else n for n in SDES]
-)
+@pytest.mark.parametrize("name", SDES)
 def test_jit_vmap_match_eager(x64, name):
-    gm, (make, t) = full_mixture(), SDES[name]
-    sde = make()
+    gm, (sde, t) = full_mixture(), SDES[name]
     x = points(gm, sde, t, n=4)
 
     @jax.jit
