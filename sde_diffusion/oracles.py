@@ -67,7 +67,9 @@ class GaussianMixture(eqx.Module):
             tol = math.sqrt(jnp.finfo(dtype).eps) * scale
             require(jnp.abs(covariances - transpose) <= tol, "covariances must be symmetric")
             self.variances, self.eigenvectors = jnp.linalg.eigh(0.5 * (covariances + transpose))
-            require(self.variances > 0, "covariances must be positive definite")
+            # eigenvalues below d·eps·λ_max are rounding noise around 0
+            floor = d * jnp.finfo(dtype).eps * jnp.max(self.variances, axis=-1, keepdims=True)
+            require(self.variances > floor, "covariances must be positive definite")
 
     @classmethod
     def ring(
@@ -183,6 +185,13 @@ class GaussianMixture(eqx.Module):
         u = self.eigenvectors
         return jnp.einsum("kij,kj,klj->kil", u, self.variances, u)
 
+    def _rotate(self, v: Array, transpose: bool = False) -> Array:
+        """``U_k v_k`` (``U_kᵀ v_k`` if ``transpose``) for ``v`` of shape ``(K, d)`` or ``(d,)``."""
+        if self.eigenvectors is None:
+            return v
+        u = jnp.swapaxes(self.eigenvectors, -1, -2) if transpose else self.eigenvectors
+        return jnp.einsum("kij,kj->ki", u, jnp.broadcast_to(v, self.means.shape))
+
     def _transition(self, sde: SDELike, t: ArrayLike) -> tuple[Array, Array]:
         a, q = sde.transition(t)
         if jnp.ndim(a) != 0:
@@ -204,19 +213,12 @@ class GaussianMixture(eqx.Module):
 
         free of the cancellation in ``(x + σ² score)/α`` as σ → 0 or σ → ∞.
         """
-        if self.eigenvectors is None:
-            to_eig = from_eig = lambda v: v  # noqa: E731
-            y = x
-        else:
-            to_eig = lambda v: jnp.einsum("kji,kj->ki", self.eigenvectors, v)  # noqa: E731
-            from_eig = lambda v: jnp.einsum("kij,kj->ki", self.eigenvectors, v)  # noqa: E731
-            y = jnp.einsum("kji,j->ki", self.eigenvectors, x)
-        lam, m = self.variances, to_eig(self.means)
+        lam, m, y = self.variances, self._rotate(self.means, True), self._rotate(x, True)
         s = alpha**2 * lam + sigma2
         w = 1 / s
         r = alpha * m - y
         log_n = -0.5 * jnp.sum(w * r**2 + jnp.log(2 * jnp.pi * s), axis=-1)
-        return log_n, from_eig(w * r), from_eig(sigma2 * w * m + alpha * lam * w * y)
+        return log_n, self._rotate(w * r), self._rotate(sigma2 * w * m + alpha * lam * w * y)
 
     def _matrix_posterior(self, a, q, x):
         """``S_k = A C_k Aᵀ + Q = L Lᵀ``: ``score_k = −S_k⁻¹(x − A μ_k)``,

@@ -133,7 +133,10 @@ def test_zero_noise(kind, sde, t, precision):
 @pytest.mark.parametrize("kind", MIXTURES)
 @pytest.mark.parametrize("t", [0.002, 80.0])
 def test_edm_extremes_float32_match_float64(kind, t):
-    """At σ = 0.002 and σ = 80 float32 keeps float64's answer (no cancellation)."""
+    """At σ = 0.002 and σ = 80 float32 keeps float64's answer to ~100 ulp.
+
+    (The naive ``D = x + σ² score`` loses ~5e-5 of ``max |D|`` at σ = 80 and fails this.)
+    """
     sde = SDES["EDM"][0]
     with jax.enable_x64(True):
         x = np.asarray(points(MIXTURES[kind](), sde, t), dtype=np.float32)
@@ -144,7 +147,7 @@ def test_edm_extremes_float32_match_float64(kind, t):
             results.append(evaluate(gm, sde, t, x, "marginal_score", "denoiser", "marginal_log_prob"))
     for lo, hi in zip(*results):
         assert np.all(np.isfinite(lo))
-        np.testing.assert_allclose(lo, hi, rtol=1e-4, atol=1e-4 * np.abs(hi).max())
+        np.testing.assert_allclose(lo, hi, rtol=1e-5, atol=1e-5 * np.abs(hi).max())
 
 
 # -- 4. normalised densities -------------------------------------------------------------------
@@ -261,7 +264,7 @@ def test_default_dtype_is_float32():
     assert evaluate(gm, sd.VP(), 0.5, x, "denoiser")[0].dtype == jnp.float32
 
 
-@pytest.mark.parametrize("name", SDES)
+@pytest.mark.parametrize("name", ["VP", "CosineVP", "RectifiedFlow", "LinearSDE"])
 def test_jit_vmap_match_eager(x64, name):
     gm, (sde, t) = full_mixture(), SDES[name]
     x = points(gm, sde, t, n=4)
@@ -296,7 +299,8 @@ GOOD_W, GOOD_M, GOOD_V = np.ones(2), np.zeros((2, 3)), np.ones((2, 3))
         (GOOD_W, GOOD_M, np.array([[1.0, -1.0, 1.0], [1.0, 1.0, 1.0]]), "variances must be > 0"),
         (GOOD_W, GOOD_M, np.array([[1.0, 0.0, 1.0], [1.0, 1.0, 1.0]]), "variances must be > 0"),
         (GOOD_W, GOOD_M, np.stack([np.eye(3), np.diag([1.0, -1.0, 1.0])]), "positive definite"),
-        (GOOD_W, GOOD_M, np.stack([np.eye(3), np.ones((3, 3))]), "positive definite"),
+        (GOOD_W, GOOD_M, np.stack([np.eye(3), np.ones((3, 3))]), "positive definite"),  # singular
+        (GOOD_W, GOOD_M, np.stack([np.eye(3), [[1, 2, 0], [2, 1, 0], [0, 0, 1.0]]]), "positive definite"),
         (GOOD_W, GOOD_M, np.stack([np.eye(3), np.triu(np.ones((3, 3)))]), "symmetric"),
         (GOOD_W, GOOD_M, np.full((2, 3, 3), np.inf), "covariances must be finite"),
     ],
