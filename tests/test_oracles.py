@@ -115,7 +115,9 @@ def test_denoiser_is_tweedie(x64, kind, name):
 
 @pytest.mark.parametrize("kind", MIXTURES)
 @pytest.mark.parametrize(
-    "sde, t", [(sd.VP(), 0.0), (sd.EDM(t0=0.0), 0.0), (LINEAR, 0.0)], ids=["VP", "EDM-t0=0", "LinearSDE"]
+    "sde, t",
+    [(sd.VP(), 0.0), (sd.EDM(t0=0.0), 0.0), (LINEAR, 0.0)],
+    ids=["VP", "EDM-t0=0", "LinearSDE"],
 )
 @pytest.mark.parametrize("precision", ["float32", "float64"])
 def test_zero_noise(kind, sde, t, precision):
@@ -127,7 +129,8 @@ def test_zero_noise(kind, sde, t, precision):
         assert denoised.dtype == score.dtype == jnp.dtype(precision)
     rtol = 1e-5 if precision == "float32" else 1e-12
     np.testing.assert_allclose(denoised, x, rtol=rtol, atol=rtol)
-    np.testing.assert_allclose(score, data_score, rtol=10 * rtol, atol=10 * rtol * np.abs(data_score).max())
+    atol = 10 * rtol * np.abs(data_score).max()
+    np.testing.assert_allclose(score, data_score, rtol=10 * rtol, atol=atol)
 
 
 @pytest.mark.parametrize("kind", MIXTURES)
@@ -144,7 +147,8 @@ def test_edm_extremes_float32_match_float64(kind, t):
     for x64 in (False, True):
         with jax.enable_x64(x64):
             gm = MIXTURES[kind]()
-            results.append(evaluate(gm, sde, t, x, "marginal_score", "denoiser", "marginal_log_prob"))
+            methods = ("marginal_score", "denoiser", "marginal_log_prob")
+            results.append(evaluate(gm, sde, t, x, *methods))
     for lo, hi in zip(*results):
         assert np.all(np.isfinite(lo))
         np.testing.assert_allclose(lo, hi, rtol=1e-5, atol=1e-5 * np.abs(hi).max())
@@ -201,7 +205,8 @@ def test_mean_and_covariance(x64, kind):
     mean = weights @ means
     second = np.einsum("k,kij->ij", weights, covs + means[:, :, None] * means[:, None, :])
     np.testing.assert_allclose(gm.mean(), mean, rtol=1e-12)
-    np.testing.assert_allclose(gm.covariance(), second - np.outer(mean, mean), rtol=1e-12, atol=1e-14)
+    cov = second - np.outer(mean, mean)
+    np.testing.assert_allclose(gm.covariance(), cov, rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("kind", MIXTURES)
@@ -282,6 +287,7 @@ def test_jit_vmap_match_eager(x64, name):
 # -- 6. bad input ------------------------------------------------------------------------------
 
 GOOD_W, GOOD_M, GOOD_V = np.ones(2), np.zeros((2, 3)), np.ones((2, 3))
+INDEFINITE = np.array([[1.0, 2.0, 0.0], [2.0, 1.0, 0.0], [0.0, 0.0, 1.0]])  # eigenvalues −1, 1, 3
 
 
 @pytest.mark.parametrize(
@@ -300,7 +306,7 @@ GOOD_W, GOOD_M, GOOD_V = np.ones(2), np.zeros((2, 3)), np.ones((2, 3))
         (GOOD_W, GOOD_M, np.array([[1.0, 0.0, 1.0], [1.0, 1.0, 1.0]]), "variances must be > 0"),
         (GOOD_W, GOOD_M, np.stack([np.eye(3), np.diag([1.0, -1.0, 1.0])]), "positive definite"),
         (GOOD_W, GOOD_M, np.stack([np.eye(3), np.ones((3, 3))]), "positive definite"),  # singular
-        (GOOD_W, GOOD_M, np.stack([np.eye(3), [[1, 2, 0], [2, 1, 0], [0, 0, 1.0]]]), "positive definite"),
+        (GOOD_W, GOOD_M, np.stack([np.eye(3), INDEFINITE]), "positive definite"),
         (GOOD_W, GOOD_M, np.stack([np.eye(3), np.triu(np.ones((3, 3)))]), "symmetric"),
         (GOOD_W, GOOD_M, np.full((2, 3, 3), np.inf), "covariances must be finite"),
     ],
