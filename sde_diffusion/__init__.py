@@ -3,7 +3,18 @@
 from .distributions import MultivariateNormal, Normal
 from .linear import AbstractLinearSDE, CriticallyDampedLangevin, LinearSDE
 from .noise import AbstractNoise, ElementwiseNoise, MatrixNoise
-from .schedule import VE, VP, AbstractScheduleSDE, CosineVP, EDM, RectifiedFlow, ScheduleSDE, SubVP
+from .schedule import (
+    VE,
+    VP,
+    AbstractLinearBeta,
+    AbstractScheduleSDE,
+    AbstractVariancePreserving,
+    CosineVP,
+    EDM,
+    RectifiedFlow,
+    ScheduleSDE,
+    SubVP,
+)
 from .sde import SDE, AbstractSDE
 
 # -- modules added by parallel work: keep one import line each below --

@@ -147,27 +147,8 @@ def _positive(name: str, value: float) -> float:
     return float(value)
 
 
-class VP(AbstractScheduleSDE):
-    """Variance preserving (Song et al. 2021): ``β(t) = β_min + t (β_max − β_min)``,
-
-    ``log α = −½∫₀ᵗβ = −¼t²(β_max − β_min) − ½tβ_min``, ``σ² = 1 − α²``, ``g² = β``.
-    """
-
-    beta_min: float = 0.1
-    beta_max: float = 20.0
-    t0: float = eqx.field(default=0.0, static=True)
-    t1: float = eqx.field(default=1.0, static=True)
-
-    def __check_init__(self):
-        _positive("beta_min", self.beta_min)
-        _positive("beta_max", self.beta_max)
-
-    def beta(self, t: ArrayLike) -> Array:
-        return self.beta_min + _float(t) * (self.beta_max - self.beta_min)
-
-    def log_alpha(self, t):
-        t = _float(t)
-        return -0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
+class AbstractVariancePreserving(AbstractScheduleSDE):
+    """``σ² = 1 − α²`` (written ``−expm1(2 log α)``, exact near t = 0); subclasses give ``log α``."""
 
     def alpha(self, t):
         return jnp.exp(self.log_alpha(t))
@@ -181,6 +162,33 @@ class VP(AbstractScheduleSDE):
     def log_snr(self, t):
         return -jnp.log(jnp.expm1(-2 * self.log_alpha(t)))
 
+
+class AbstractLinearBeta(AbstractScheduleSDE):
+    """``β(t) = β_min + t (β_max − β_min)`` and ``log α = −½∫₀ᵗβ = −¼t²(β_max − β_min) − ½tβ_min``."""
+
+    beta_min: eqx.AbstractVar[float]
+    beta_max: eqx.AbstractVar[float]
+
+    def __check_init__(self):
+        _positive("beta_min", self.beta_min)
+        _positive("beta_max", self.beta_max)
+
+    def beta(self, t: ArrayLike) -> Array:
+        return self.beta_min + _float(t) * (self.beta_max - self.beta_min)
+
+    def log_alpha(self, t):
+        t = _float(t)
+        return -0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
+
+
+class VP(AbstractLinearBeta, AbstractVariancePreserving):
+    """Variance preserving (Song et al. 2021): linear ``β``, ``σ² = 1 − α²``, ``f = −β/2``, ``g² = β``."""
+
+    beta_min: float = 0.1
+    beta_max: float = 20.0
+    t0: float = eqx.field(default=0.0, static=True)
+    t1: float = eqx.field(default=1.0, static=True)
+
     def t_from_log_snr(self, log_snr):
         # ¼(β_max−β_min) t² + ½β_min t = ½ softplus(−λ): the positive root, written stably.
         c = 0.5 * jax.nn.softplus(-_float(log_snr))
@@ -188,20 +196,19 @@ class VP(AbstractScheduleSDE):
         return 2 * c / (b + jnp.sqrt(b**2 + 4 * a * c))
 
 
-class SubVP(VP):
+class SubVP(AbstractLinearBeta):
     """Sub-VP (Song et al. 2021): VP's ``α`` with ``σ = 1 − α²``, ``g² = β (1 − α⁴)``."""
+
+    beta_min: float = 0.1
+    beta_max: float = 20.0
+    t0: float = eqx.field(default=0.0, static=True)
+    t1: float = eqx.field(default=1.0, static=True)
+
+    def alpha(self, t):
+        return jnp.exp(self.log_alpha(t))
 
     def sigma(self, t):
         return -jnp.expm1(2 * self.log_alpha(t))
-
-    def sigma2(self, t):
-        return self.sigma(t) ** 2
-
-    def log_snr(self, t):
-        return AbstractScheduleSDE.log_snr(self, t)
-
-    def t_from_log_snr(self, log_snr):
-        return AbstractScheduleSDE.t_from_log_snr(self, log_snr)
 
 
 class VE(AbstractScheduleSDE):
@@ -258,7 +265,7 @@ class EDM(AbstractScheduleSDE):
         return jnp.exp(-0.5 * _float(log_snr))
 
 
-class CosineVP(AbstractScheduleSDE):
+class CosineVP(AbstractVariancePreserving):
     """Cosine schedule (Nichol & Dhariwal 2021): ``α = cos(π/2 (t+s)/(1+s)) / cos(π/2 s/(1+s))``,
 
     ``σ² = 1 − α²``. ``t1 = 0.9946`` as in DPM-Solver (α → 0 at t = 1 makes f infinite).
@@ -282,15 +289,6 @@ class CosineVP(AbstractScheduleSDE):
 
     def log_alpha(self, t):
         return jnp.log(jnp.cos(self._angle(t))) - math.log(self._cos0)
-
-    def alpha(self, t):
-        return jnp.exp(self.log_alpha(t))
-
-    def sigma2(self, t):
-        return -jnp.expm1(2 * self.log_alpha(t))
-
-    def sigma(self, t):
-        return jnp.sqrt(self.sigma2(t))
 
     def t_from_log_snr(self, log_snr):
         alpha = jnp.sqrt(jax.nn.sigmoid(_float(log_snr)))

@@ -17,7 +17,7 @@ def _interior(sde, n=7):
 
 def paper_coefficients(sde, t):
     """f(t) and g²(t) as printed in the papers that introduced each schedule."""
-    if isinstance(sde, sd.VP):  # also SubVP
+    if isinstance(sde, (sd.VP, sd.SubVP)):
         beta = sde.beta_min + t * (sde.beta_max - sde.beta_min)
         if isinstance(sde, sd.SubVP):  # Song et al. 2021, eq. (29)
             integral = sde.beta_min * t + 0.5 * t**2 * (sde.beta_max - sde.beta_min)
