@@ -24,3 +24,5 @@ from .metrics import sliced_wasserstein
 from .reverse import ProbabilityFlowODE, ReverseSDE
 from .sample import AbstractSamplingMethod, ProbabilityFlow, ReverseDiffusion, SampleInfo, sample
 from .simulate import simulate
+from .grids import AbstractTimeGrid, GivenTimes, KarrasSigma, QuadraticTime, UniformLogSNR, UniformTime
+from .parametrization import AbstractPrediction, Denoiser, Noise, Score, Velocity

@@ -69,10 +69,15 @@ class ReverseSDE(AbstractSDE):
 
 
 class ProbabilityFlowODE(eqx.Module):
-    """The probability-flow ODE of ``sde`` under ``score``, in ``s ∈ [0, t1 − t0]``."""
+    """The probability-flow ODE of ``sde`` under ``score``."""
 
     sde: AbstractSDE
     score: Score
 
     def vector_field(self, s: ArrayLike, x: Array) -> Array:
+        """``dx̄/ds`` in reversed time ``s = t1 − t``."""
         return _reverse_field(self.sde, self.score, s, x, 0.5)
+
+    def velocity(self, t: ArrayLike, x: Array) -> Array:
+        """``dx/dt = f − ½∇·Σ − ½Σ s_θ`` in forward time."""
+        return -self.vector_field(self.sde.t1 - jnp.asarray(t, dtype=jnp.result_type(float)), x)

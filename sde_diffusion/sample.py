@@ -7,6 +7,7 @@ honest statistics (``nfe`` = score evaluations actually made, each on the whole 
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 
 import diffrax
 import equinox as eqx
@@ -15,7 +16,9 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, PRNGKeyArray
 
 from ._checks import check_finite
-from .reverse import ProbabilityFlowODE, ReverseSDE, Score
+from .grids import AbstractTimeGrid, UniformTime
+from .parametrization import AbstractPrediction, as_prediction
+from .reverse import ProbabilityFlowODE, ReverseSDE
 from .sde import AbstractSDE
 from .simulate import solve_paths
 
@@ -61,41 +64,50 @@ class AbstractSamplingMethod(eqx.Module):
 
     @abc.abstractmethod
     def __call__(
-        self, sde: AbstractSDE, score: Score, key: PRNGKeyArray, x_start: Array, t_start: float, t_end: float
+        self,
+        sde: AbstractSDE,
+        model: AbstractPrediction,
+        key: PRNGKeyArray,
+        x_start: Array,
+        t_start: float,
+        t_end: float,
     ) -> tuple[Array, SampleInfo]:
         ...
 
 
 class ReverseDiffusion(AbstractSamplingMethod):
-    """The reverse SDE on a uniform grid of ``num_steps`` steps in ``t``, with any diffrax SDE
-    solver (default ``Euler``: Euler–Maruyama), i.i.d. Brownian increments, one path per sample.
+    """The reverse SDE on ``num_steps`` steps of ``grid``, with any diffrax SDE solver (default
+    ``Euler``: Euler–Maruyama), i.i.d. Brownian increments, one path per sample.
     """
 
     num_steps: int = eqx.field(static=True)
     solver: diffrax.AbstractSolver = diffrax.Euler()
+    grid: AbstractTimeGrid = UniformTime()
 
     def __check_init__(self):
         if self.num_steps < 1:
             raise ValueError("num_steps must be ≥ 1")
         evaluations_per_step(self.solver)
 
-    def __call__(self, sde, score, key, x_start, t_start, t_end):
-        reverse = ReverseSDE(sde, score)
-        s_span = jnp.asarray([sde.t1 - t_start, sde.t1 - t_end], dtype=x_start.dtype)
-        grid = jnp.linspace(s_span[0], s_span[1], self.num_steps + 1)
-        ys, stats = solve_paths(reverse, x_start, key, s_span, self.solver, grid, 0.0, self.num_steps + 1)
+    def __call__(self, sde, model, key, x_start, t_start, t_end):
+        reverse = ReverseSDE(sde, lambda t, x: model.score(sde, t, x))
+        s_grid = sde.t1 - self.grid.times(sde, t_start, t_end, self.num_steps)
+        ys, stats = solve_paths(reverse, x_start, key, s_grid[jnp.array([0, -1])], self.solver, s_grid, 0.0, self.num_steps + 1)
         return ys[-1], _info(stats, self.solver)
 
 
 class ProbabilityFlow(AbstractSamplingMethod):
-    """The PF ODE with any explicit diffrax ODE solver, the whole batch as one state.
+    """The PF ODE with any explicit diffrax ODE solver, the whole batch as one state, integrated
+    in the grid's variable ``τ``: ``dx/dτ = (f − ½∇·Σ − ½Σ s_θ)(t(τ), x) · t'(τ)``.
 
-    ``num_steps`` gives a uniform grid in ``t``; ``None`` uses PID step control on ``rtol``/``atol``
-    (one step sequence shared by the batch, error measured in the RMS norm over it).
+    ``num_steps`` takes equal steps in ``τ`` (the grid's times); ``None`` uses PID step control on
+    ``rtol``/``atol`` (one step sequence shared by the batch, RMS norm over it). ``UniformLogSNR``
+    or ``KarrasSigma`` keep the field smooth where ``UniformTime`` does not.
     """
 
     solver: diffrax.AbstractSolver = diffrax.Tsit5()
     num_steps: int | None = eqx.field(default=None, static=True)
+    grid: AbstractTimeGrid = UniformTime()
     rtol: float = 1e-5
     atol: float = 1e-5
     max_steps: int = eqx.field(default=10_000, static=True)
@@ -107,19 +119,23 @@ class ProbabilityFlow(AbstractSamplingMethod):
             raise ValueError("rtol and atol must be > 0")
         evaluations_per_step(self.solver)
 
-    def __call__(self, sde, score, key, x_start, t_start, t_end):
-        flow = ProbabilityFlowODE(sde, score)
-        field = jax.vmap(flow.vector_field, in_axes=(None, 0))
-        s0, s1 = sde.t1 - t_start, sde.t1 - t_end
+    def __call__(self, sde, model, key, x_start, t_start, t_end):
+        flow = ProbabilityFlowODE(sde, lambda t, x: model.score(sde, t, x))
+        velocity = jax.vmap(flow.velocity, in_axes=(None, 0))
+
+        def field(tau, x, args):
+            t, dt_dtau = jax.jvp(lambda u: self.grid.time(sde, t_start, t_end, u), (tau,), (jnp.ones_like(tau),))
+            return velocity(t, x) * dt_dtau
+
         if self.num_steps is None:
             controller = diffrax.PIDController(rtol=self.rtol, atol=self.atol)
         else:
-            controller = diffrax.StepTo(jnp.linspace(s0, s1, self.num_steps + 1, dtype=x_start.dtype))
+            controller = diffrax.StepTo(jnp.linspace(0.0, 1.0, self.num_steps + 1, dtype=x_start.dtype))
         sol = diffrax.diffeqsolve(
-            diffrax.ODETerm(lambda s, x, args: field(s, x)),
+            diffrax.ODETerm(field),
             self.solver,
-            t0=s0,
-            t1=s1,
+            t0=0.0,
+            t1=1.0,
             dt0=None,
             y0=x_start,
             stepsize_controller=controller,
@@ -129,13 +145,13 @@ class ProbabilityFlow(AbstractSamplingMethod):
 
 
 @eqx.filter_jit
-def _run(method, sde, score, key, x_start, t_start, t_end):
-    return method(sde, score, key, x_start, t_start, t_end)
+def _run(method, sde, model, key, x_start, t_start, t_end):
+    return method(sde, model, key, x_start, t_start, t_end)
 
 
 def sample(
     sde: AbstractSDE,
-    score: Score,
+    model: AbstractPrediction | Callable[[Array, Array], Array],
     key: PRNGKeyArray,
     shape: tuple[int, ...] | None = None,
     *,
@@ -146,8 +162,9 @@ def sample(
 ) -> tuple[Array, SampleInfo]:
     """Samples of ``p_{t_end}`` from ``x_start ~ p_{t_start}`` (default: ``sde.prior`` at ``t1``).
 
-    ``score(t, x)`` takes one example; ``shape = (n, *event_shape)`` when ``x_start`` is not given.
-    ``t_end`` defaults to ``t0``. Returns ``(samples, SampleInfo)``.
+    ``model`` is a prediction (``sd.Score``, ``sd.Denoiser``, ``sd.Noise``, ``sd.Velocity``) or a
+    plain score function ``(t, x) -> ∇ log p_t(x)`` of one example. ``shape = (n, *event_shape)``
+    when ``x_start`` is not given. ``t_end`` defaults to ``t0``. Returns ``(samples, SampleInfo)``.
     """
     t_start = sde.t1 if t_start is None else float(t_start)
     t_end = sde.t0 if t_end is None else float(t_end)
@@ -166,5 +183,5 @@ def sample(
         raise ValueError(f"x_start has shape {x_start.shape} but shape={tuple(shape)}")
     if x_start.ndim < 1:
         raise ValueError("x_start must be a batch of shape (n, ...)")
-    samples, info = _run(method, sde, score, key_run, x_start, t_start, t_end)
+    samples, info = _run(method, sde, as_prediction(model), key_run, x_start, t_start, t_end)
     return samples, jax.tree.map(int, info)
