@@ -24,8 +24,12 @@ class AbstractTimeGrid(eqx.Module):
     """A monotone map ``τ ↦ t`` with ``t(0) = t_start`` and ``t(1) = t_end``."""
 
     @abc.abstractmethod
+    def map(self, sde: AbstractSDE, t_start: float, t_end: float, tau: ArrayLike) -> Array:
+        """Forward time at ``τ ∈ [0, 1]`` (before clipping round-off to ``[t_end, t_start]``)."""
+
     def time(self, sde: AbstractSDE, t_start: float, t_end: float, tau: ArrayLike) -> Array:
         """Forward time at ``τ ∈ [0, 1]``."""
+        return jnp.clip(self.map(sde, t_start, t_end, tau), t_end, t_start)
 
     def times(self, sde: AbstractSDE, t_start: float, t_end: float, num_steps: int) -> Array:
         """``num_steps + 1`` times from ``t_start`` down to ``t_end``."""
@@ -43,21 +47,21 @@ def _noise_levels(sde: AbstractSDE, grid: str) -> AbstractScheduleSDE:
 class UniformTime(AbstractTimeGrid):
     """``t = t_start + τ (t_end − t_start)``."""
 
-    def time(self, sde, t_start, t_end, tau):
+    def map(self, sde, t_start, t_end, tau):
         return t_start + tau * (t_end - t_start)
 
 
 class QuadraticTime(AbstractTimeGrid):
     """``t = t_end + (t_start − t_end)(1 − τ)²``: steps shrink towards the data (DDIM's quadratic)."""
 
-    def time(self, sde, t_start, t_end, tau):
+    def map(self, sde, t_start, t_end, tau):
         return t_end + (t_start - t_end) * (1 - tau) ** 2
 
 
 class UniformLogSNR(AbstractTimeGrid):
     """``λ(t)`` linear in ``τ``: equal steps of log-SNR (needs ``σ(t_end) > 0``)."""
 
-    def time(self, sde, t_start, t_end, tau):
+    def map(self, sde, t_start, t_end, tau):
         sde = _noise_levels(sde, "UniformLogSNR")
         lam0, lam1 = sde.log_snr(t_start), sde.log_snr(t_end)
         return sde.t_from_log_snr(lam0 + tau * (lam1 - lam0))
@@ -72,7 +76,7 @@ class KarrasSigma(AbstractTimeGrid):
         if not self.rho > 0:
             raise ValueError("rho must be > 0")
 
-    def time(self, sde, t_start, t_end, tau):
+    def map(self, sde, t_start, t_end, tau):
         sde = _noise_levels(sde, "KarrasSigma")
         lo, hi = (jnp.exp(-sde.log_snr(t) / (2 * self.rho)) for t in (t_end, t_start))
         sigma_hat = (hi + tau * (lo - hi)) ** self.rho
@@ -95,7 +99,7 @@ class GivenTimes(AbstractTimeGrid):
         require(jnp.diff(ts) < 0, "GivenTimes must decrease strictly (from noise to data)")
         self.ts = ts
 
-    def time(self, sde, t_start, t_end, tau):
+    def map(self, sde, t_start, t_end, tau):
         grid = jnp.linspace(0.0, 1.0, self.ts.shape[0], dtype=self.ts.dtype)
         return jnp.interp(tau, grid, self.ts)
 

@@ -23,9 +23,9 @@ from .sde import AbstractSDE
 Score = Callable[[Array, Array], Array]  # (t, x) -> ∇ log p_t(x), one example
 
 
-def _reverse_field(sde: AbstractSDE, score: Score, s: ArrayLike, x: Array, weight: float) -> Array:
-    """``−f + w (∇·Σ + Σ s_θ)`` at ``t = t1 − s``; ``w = 1`` (reverse SDE) or ``½`` (PF ODE)."""
-    t = sde.t1 - jnp.asarray(s, dtype=jnp.result_type(float))
+def _reverse_field(sde: AbstractSDE, score: Score, t: ArrayLike, x: Array, weight: float) -> Array:
+    """``−f + w (∇·Σ + Σ s_θ)`` at forward time ``t``; ``w = 1`` (reverse SDE) or ``½`` (PF ODE)."""
+    t = jnp.asarray(t, dtype=jnp.result_type(float))
     noise = sde.noise(x)
     correction = noise.covariance_times(sde.diffusion(t, x), score(t, x))
     if sde.diffusion_depends_on_x(x):
@@ -51,11 +51,11 @@ class ReverseSDE(AbstractSDE):
         return self.sde.t1 - self.sde.t0
 
     def time(self, s: ArrayLike) -> Array:
-        """Forward time ``t = t1 − s``."""
-        return self.sde.t1 - jnp.asarray(s)
+        """Forward time ``t = t1 − s`` (round-off clipped to ``[t0, t1]``)."""
+        return jnp.clip(self.sde.t1 - jnp.asarray(s), self.sde.t0, self.sde.t1)
 
     def drift(self, s, x):
-        return _reverse_field(self.sde, self.score, s, x, 1.0)
+        return _reverse_field(self.sde, self.score, self.time(s), x, 1.0)
 
     def diffusion(self, s, x):
         return self.sde.diffusion(self.time(s), x)
@@ -75,9 +75,9 @@ class ProbabilityFlowODE(eqx.Module):
     score: Score
 
     def vector_field(self, s: ArrayLike, x: Array) -> Array:
-        """``dx̄/ds`` in reversed time ``s = t1 − t``."""
-        return _reverse_field(self.sde, self.score, s, x, 0.5)
+        """``dx̄/ds = −dx/dt`` in reversed time ``s = t1 − t``."""
+        return _reverse_field(self.sde, self.score, self.sde.t1 - jnp.asarray(s), x, 0.5)
 
     def velocity(self, t: ArrayLike, x: Array) -> Array:
         """``dx/dt = f − ½∇·Σ − ½Σ s_θ`` in forward time."""
-        return -self.vector_field(self.sde.t1 - jnp.asarray(t, dtype=jnp.result_type(float)), x)
+        return -_reverse_field(self.sde, self.score, t, x, 0.5)
