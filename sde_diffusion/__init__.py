@@ -26,3 +26,4 @@ from .sample import AbstractSamplingMethod, ProbabilityFlow, ReverseDiffusion, S
 from .simulate import simulate
 from .grids import AbstractTimeGrid, GivenTimes, KarrasSigma, QuadraticTime, UniformLogSNR, UniformTime
 from .parametrization import AbstractPrediction, Denoiser, Noise, Score, Velocity
+from .multistep import DDIM, DEIS, AbstractMultistep, DPMSolverPP, DPMSolverPP2MSDE, UniPC

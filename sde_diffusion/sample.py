@@ -19,6 +19,7 @@ from ._checks import check_finite
 from .grids import AbstractTimeGrid, UniformTime
 from .parametrization import AbstractPrediction, as_prediction
 from .reverse import ProbabilityFlowODE, ReverseSDE
+from .schedule import AbstractScheduleSDE
 from .sde import AbstractSDE
 from .simulate import solve_paths
 
@@ -142,6 +143,61 @@ class ProbabilityFlow(AbstractSamplingMethod):
             max_steps=self.max_steps,
         )
         return sol.ys[-1], _info(sol.stats, self.solver)
+
+
+class GridCoordinates(eqx.Module):
+    """A grid ``t_0 > … > t_N`` of ``sde`` with ``α_i``, ``σ_i`` and the half log-SNR ``λ_i = log(α_i/σ_i)``
+    (``+∞`` where ``σ = 0``), in the ``float`` dtype."""
+
+    sde: AbstractScheduleSDE
+    ts: Array
+    alpha: Array
+    sigma: Array
+    lam: Array
+
+    def __init__(self, sde: AbstractScheduleSDE, ts: Array):
+        self.sde, self.ts = sde, ts
+        self.alpha = jax.vmap(sde.alpha)(ts)
+        self.sigma = jax.vmap(sde.sigma)(ts)
+        self.lam = jnp.log(self.alpha) - jnp.log(self.sigma)
+
+    def at(self, index: Array, offset: int) -> tuple[Array, Array, Array]:
+        """``(α, σ, λ)`` at ``index + offset`` (clipped into the grid)."""
+        j = jnp.clip(index + offset, 0, self.ts.shape[0] - 1)
+        return self.alpha[j], self.sigma[j], self.lam[j]
+
+
+class AbstractGridSampler(AbstractSamplingMethod):
+    """A fixed-step sampler on ``num_steps`` steps of ``grid`` for a ``ScheduleSDE``, written as
+    ``integrate(sde, denoise, coords, x, key)`` with ``denoise(i, x) = D(x, t_i)`` on the batch."""
+
+    num_steps: eqx.AbstractVar[int]
+    grid: eqx.AbstractVar[AbstractTimeGrid]
+
+    @abc.abstractmethod
+    def integrate(self, sde, denoise, coords: GridCoordinates, x: Array, key: PRNGKeyArray) -> Array:
+        """Samples at ``t_N`` from ``x`` at ``t_0``."""
+
+    @abc.abstractmethod
+    def evaluations(self, ends_at_zero_noise: bool) -> int:
+        """Model evaluations made (``ends_at_zero_noise``: ``σ(t_N) = 0``)."""
+
+    def __call__(self, sde, model, key, x_start, t_start, t_end):
+        if not isinstance(sde, AbstractScheduleSDE):
+            raise TypeError(f"{type(self).__name__} needs a ScheduleSDE, got {type(sde).__name__}")
+        if self.num_steps < 1:
+            raise ValueError("num_steps must be ≥ 1")
+        coords = GridCoordinates(sde, self.grid.times(sde, t_start, t_end, self.num_steps).astype(x_start.dtype))
+        batched = jax.vmap(model.denoiser, in_axes=(None, None, 0))
+
+        def denoise(i, x):
+            return batched(sde, coords.ts[i], x)
+
+        x = self.integrate(sde, denoise, coords, x_start, key)
+        with jax.ensure_compile_time_eval():
+            ends_at_zero_noise = bool(sde.sigma(t_end) == 0)
+        n = self.num_steps
+        return x, SampleInfo(self.evaluations(ends_at_zero_noise), n, n, 0)
 
 
 @eqx.filter_jit

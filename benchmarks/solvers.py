@@ -1,0 +1,589 @@
+"""Exact-GMM sampler benchmark: the problem and metrics of ``shared/reference/PEERS.md``.
+
+EDM noising (σ = t from 80 down to 0.002), a Gaussian-mixture data law whose denoiser is exact, and
+every sampler started from exact samples of p_80. Three metrics, all divided by the data std:
+
+- traj: per-coordinate RMSE between a sampler's endpoints and high-accuracy PF-ODE endpoints of the
+  same starts (deterministic samplers only);
+- SW2: sliced Wasserstein-2 between a sampler's outputs and exact samples of p_0.002;
+- overhead (d = 64, NFE 20): wall time of one sampler call / wall time of 20 bare denoiser calls.
+
+Usage: ``python benchmarks/solvers.py`` (full, a few minutes on CPU) or ``--quick`` (under a
+minute). Tables go to stdout (and ``tables.md``), numbers to ``results.csv`` / ``overhead.csv``, a
+figure to ``solvers.png`` under ``--out``. Methods live in the two registries below: add a line to
+benchmark a new sampler; classes missing from ``sde_diffusion`` are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import functools
+import math
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import diffrax
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+import sde_diffusion as sd
+from sde_diffusion.sample import evaluations_per_step
+
+# ------------------------------------------------------------------------------------------------
+# Method registry
+# ------------------------------------------------------------------------------------------------
+
+GRIDS: dict[str, Callable[[], sd.AbstractTimeGrid]] = {
+    "UniformLogSNR": sd.UniformLogSNR,
+    "KarrasSigma": sd.KarrasSigma,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Fixed:
+    """A fixed-step sampler: ``make(num_steps, grid)`` builds it, ``nfe(num_steps)`` is the number
+    of model calls it must make (the budget factory picks the largest ``num_steps`` within budget)."""
+
+    name: str
+    cls: str  # attribute of sde_diffusion that must exist
+    make: Callable[[int, sd.AbstractTimeGrid], sd.AbstractSamplingMethod]
+    nfe: Callable[[int], int]
+    grids: tuple[str, ...] = ("UniformLogSNR", "KarrasSigma")
+    stochastic: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Adaptive:
+    """The PF ODE with PID step control, swept over ``rtol = atol``."""
+
+    name: str
+    solver: diffrax.AbstractSolver
+    grid: str = "UniformLogSNR"
+
+
+def _pf(solver: diffrax.AbstractSolver) -> tuple[Callable, Callable[[int], int]]:
+    per_step, extra = evaluations_per_step(solver)
+    make = lambda n, grid: sd.ProbabilityFlow(solver, num_steps=n, grid=grid)  # noqa: E731
+    return make, lambda n: per_step * n + extra
+
+
+def _new(cls: str, **kwargs) -> Callable:
+    """Builder of ``sd.<cls>(num_steps=n, grid=grid, **kwargs)``, looked up when called."""
+    return lambda n, grid: getattr(sd, cls)(num_steps=n, grid=grid, **kwargs)
+
+
+_one_per_step = lambda n: n  # noqa: E731  multistep methods (warm-up and last step included)
+_two_per_step = lambda n: 2 * n  # noqa: E731  singlestep 2nd order ending at σ > 0
+
+FIXED: list[Fixed] = [
+    Fixed("PF-Euler", "ProbabilityFlow", *_pf(diffrax.Euler())),
+    Fixed("PF-Heun", "ProbabilityFlow", *_pf(diffrax.Heun())),
+    Fixed("PF-Tsit5", "ProbabilityFlow", *_pf(diffrax.Tsit5())),
+    Fixed("DDIM", "DDIM", _new("DDIM", eta=0.0), _one_per_step),
+    *[Fixed(f"DPMSolverPP-{k}", "DPMSolverPP", _new("DPMSolverPP", order=k), _one_per_step) for k in (1, 2, 3)],
+    *[Fixed(f"DEIS-{k}", "DEIS", _new("DEIS", order=k), _one_per_step) for k in (2, 3)],
+    *[
+        Fixed(f"UniPC-{k}-{v}", "UniPC", _new("UniPC", order=k, variant=v), _one_per_step)
+        for k in (2, 3)
+        for v in ("bh1", "bh2")
+    ],
+    Fixed("DPMSolverPP2S", "DPMSolverPP2S", _new("DPMSolverPP2S"), _two_per_step),
+    Fixed("EDMHeun", "EDMHeun", _new("EDMHeun"), _two_per_step),
+    # stochastic: SW2 only
+    Fixed("DPMSolverPP2MSDE", "DPMSolverPP2MSDE", _new("DPMSolverPP2MSDE", eta=1.0), _one_per_step, stochastic=True),
+    Fixed(
+        "EulerMaruyama",
+        "ReverseDiffusion",
+        lambda n, grid: sd.ReverseDiffusion(n, grid=grid),
+        _one_per_step,
+        grids=("KarrasSigma",),
+        stochastic=True,
+    ),
+]
+
+ADAPTIVE: list[Adaptive] = [
+    Adaptive("PF-Tsit5-PID", diffrax.Tsit5()),
+    Adaptive("PF-Dopri5-PID", diffrax.Dopri5()),
+]
+
+TOLS = (1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8)
+QUICK_TOLS = (1e-4, 1e-8)
+QUICK_METHODS = ("PF-Euler", "EulerMaruyama", "DPMSolverPP-2", "PF-Tsit5-PID")
+REFERENCE = dict(solver=diffrax.Dopri8(), rtol=1e-10, atol=1e-10)  # grid: UniformLogSNR
+OVERHEAD_NFE = 20
+OVERHEAD_DIM = 64
+
+# ------------------------------------------------------------------------------------------------
+# Peer figures (shared/reference/PEERS.md)
+# ------------------------------------------------------------------------------------------------
+
+PEER_DATA_STD = {2: 0.715, 64: 0.766}
+PEER_FLOOR = {2: (0.0197, 0.0056), 64: (0.0143, 0.0007)}
+PEER_TRAJ = {
+    64: {5: (0.254, "UniPC-3 (VP grid)"), 10: (0.138, "UniPC-3 (VP grid)"), 20: (0.0331, "DPM++ 3M (EDM)"),
+         50: (0.00222, "DPM++ 3M (EDM)"), 100: (3.7e-4, "LMS")},
+    2: {5: (0.218, "LMS (Karras grid)"), 10: (0.0804, "LMS"), 20: (0.0253, "LMS"), 50: (0.00451, "DPM++ 3M"),
+        100: (2.6e-4, "Dopri5, uniform log-σ, 97 NFE")},
+}  # fmt: skip
+PEER_TRAJ_ADAPTIVE = {
+    64: [(72, 4.9e-4, "k-diffusion dpm_adaptive"), (120, 6.0e-5, "k-diffusion dpm_adaptive"),
+         (97, 3.1e-4, "diffrax Dopri5 + PID")],
+}  # fmt: skip
+PEER_SW2 = {
+    64: {5: (0.127, "UniPC-3 (VP)"), 10: (0.0686, "LMS"), 20: (0.0167, "DEIS-2 (VP)"),
+         50: (0.0143, "at the noise floor"), 100: (0.0143, "at the noise floor")},
+}  # fmt: skip
+PEER_SW2_STOCHASTIC = {
+    64: {5: (0.155, "best stochastic"), 10: (0.0795, "best stochastic"), 20: (0.0233, "best stochastic"),
+         100: (0.0255, "Euler–Maruyama")},
+}  # fmt: skip
+PEER_OVERHEAD = (
+    "PEERS.md overhead (NFE 20, d = 64, batch 20000): diffrax Euler 1.0–1.4, k-diffusion DPM++ 2M 1.8, "
+    "diffusionjax EDM Heun 2.0, diffusers ODE schedulers 1.9–3.7 (UniPC-3 6.6), diffrax Heun 3.0–3.7, "
+    "Tsit5/Dopri5 4.0–4.7; SDE samplers with a Brownian tree 217–262 (i.i.d. noise 5.6–6.4)."
+)
+
+# ------------------------------------------------------------------------------------------------
+# Problem
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Problem:
+    """One dimension's fixed objects: built once so that compiled samplers are reused."""
+
+    dim: int
+    sde: sd.EDM
+    mixture: sd.GaussianMixture
+    model: sd.Denoiser
+    data_std: float
+    starts: jax.Array  # (batch, d) exact samples of p_80
+    target: jax.Array  # (batch, d) exact samples of p_0.002
+    reference: jax.Array  # (traj_points, d) PF-ODE endpoints of starts[:traj_points]
+    reference_nfe: int
+    sample_key: jax.Array
+    projection_key: jax.Array
+    floor: tuple[float, float]  # SW2 / data std between two exact sets: mean, std
+
+
+def build_problem(dim: int, seed: int, batch: int, traj_points: int, floor_repeats: int = 5) -> Problem:
+    sde = sd.EDM()
+    key = jax.random.key(seed)
+    if dim == 2:
+        mixture = sd.GaussianMixture.ring(key)
+    elif dim == 64:
+        mixture = sd.GaussianMixture.random(key)
+    else:
+        mixture = sd.GaussianMixture.random(key, dim=dim)
+    model = sd.Denoiser(functools.partial(mixture.denoiser, sde))
+    data_std = math.sqrt(float(jnp.trace(mixture.covariance())) / dim)
+    k_start, k_target, k_sample, k_proj, k_floor = jax.random.split(jax.random.fold_in(key, 1), 5)
+    starts = mixture.marginal_sample(sde, sde.t1, k_start, batch)
+    target = mixture.marginal_sample(sde, sde.t0, k_target, batch)
+    reference_method = sd.ProbabilityFlow(grid=sd.UniformLogSNR(), **REFERENCE)
+    reference, info = sd.sample(sde, model, k_sample, x_start=starts[:traj_points], method=reference_method)
+    floors = []
+    for k in jax.random.split(k_floor, floor_repeats):
+        k1, k2, k3 = jax.random.split(k, 3)
+        a, b = (mixture.marginal_sample(sde, sde.t0, kk, batch) for kk in (k1, k2))
+        floors.append(float(sd.sliced_wasserstein(a, b, k3, num_projections=512)) / data_std)
+    return Problem(
+        dim, sde, mixture, model, data_std, starts, target, reference, info.nfe, k_sample, k_proj,
+        (statistics.mean(floors), statistics.stdev(floors)),
+    )  # fmt: skip
+
+
+def steps_for_budget(entry: Fixed, budget: int) -> int | None:
+    """The largest ``num_steps`` whose NFE fits in ``budget``, or None."""
+    feasible = [n for n in range(1, budget + 1) if entry.nfe(n) <= budget]
+    return max(feasible) if feasible else None
+
+
+def run_one(problem: Problem, method: sd.AbstractSamplingMethod, stochastic: bool, traj_points: int) -> dict:
+    t = time.perf_counter()
+    x, info = sd.sample(problem.sde, problem.model, problem.sample_key, x_start=problem.starts, method=method)
+    x.block_until_ready()
+    seconds = time.perf_counter() - t
+    traj = math.nan
+    if not stochastic:
+        err = x[:traj_points] - problem.reference
+        traj = float(jnp.sqrt(jnp.mean(err**2))) / problem.data_std
+    sw2 = float(sd.sliced_wasserstein(x, problem.target, problem.projection_key, num_projections=512))
+    return dict(nfe=info.nfe, traj=traj, sw2=sw2 / problem.data_std, seconds=seconds)
+
+
+def _median_time(fn: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def measure_overhead(problem: Problem, entries: list[tuple[Fixed, str]], repeats: int) -> tuple[float, list[dict]]:
+    """Wall time of one sampler call at NFE ≤ 20 over that of 20 bare (vmapped, jitted) denoiser calls."""
+    sde, fn = problem.sde, problem.model.fn
+    denoise = jax.vmap(fn, in_axes=(None, 0))
+
+    @jax.jit
+    def bare(x):
+        def body(i, x):  # output fed back and t varying: nothing to hoist or deduplicate
+            return denoise(sde.t1 * (sde.t0 / sde.t1) ** (i / (OVERHEAD_NFE - 1)), x)
+
+        return jax.lax.fori_loop(0, OVERHEAD_NFE, body, x)
+
+    jax.block_until_ready(bare(problem.starts))
+    bare_seconds = _median_time(lambda: bare(problem.starts), repeats)
+    rows = []
+    for entry, grid in tqdm(entries, desc=f"overhead d={problem.dim}", leave=False):
+        n = steps_for_budget(entry, OVERHEAD_NFE)
+        if n is None:
+            continue
+        method = entry.make(n, GRIDS[grid]())
+
+        def call():
+            return sd.sample(sde, problem.model, problem.sample_key, x_start=problem.starts, method=method)[0]
+
+        jax.block_until_ready(call())  # compile (or hit the cache of the main run)
+        seconds = _median_time(call, repeats)
+        nfe = sd.sample(sde, problem.model, problem.sample_key, x_start=problem.starts, method=method)[1].nfe
+        rows.append(
+            dict(method=entry.name, grid=grid, dim=problem.dim, nfe=nfe, sampler_seconds=seconds,
+                 bare_seconds=bare_seconds, overhead=seconds / bare_seconds,
+                 overhead_per_nfe=seconds / (bare_seconds * nfe / OVERHEAD_NFE))
+        )  # fmt: skip
+    return bare_seconds, rows
+
+
+# ------------------------------------------------------------------------------------------------
+# Output
+# ------------------------------------------------------------------------------------------------
+
+
+def _g(v: float | None, digits: int = 3) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float) and math.isnan(v):
+        return "nan"
+    return f"{v:.{digits}g}"
+
+
+def render(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+
+
+def metric_table(metric: str, dim: int, results: list[dict], fixed_rows: list[tuple[Fixed, str]],
+                 adaptive: list[Adaptive], budgets: Sequence[int], floor: tuple[float, float] | None) -> str:
+    """One markdown table: rows method × grid, columns budgets + adaptive; '*' marks our best."""
+    by_key = {(r["method"], r["grid"], r["budget"]): r for r in results if r["dim"] == dim and r["budget"] != "adaptive"}
+    stochastic = {e.name for e, _ in fixed_rows if e.stochastic}
+    best = {}
+    for b in budgets:
+        vals = [r[metric] for (m, g, bb), r in by_key.items() if bb == b and math.isfinite(r[metric])]
+        best[b] = min(vals) if vals else None
+    header = ["method", "grid", *[f"NFE {b}" for b in budgets], "adaptive (NFE→error)"]
+    rows = []
+    for entry, grid in fixed_rows:
+        cells = []
+        for b in budgets:
+            r = by_key.get((entry.name, grid, b))
+            if r is None:
+                cells.append("-")
+            elif metric == "traj" and entry.name in stochastic:
+                cells.append("-")
+            else:
+                mark = "*" if best[b] is not None and r[metric] == best[b] else ""
+                cells.append(f"{_g(r[metric])}{mark} ({r['nfe']})")
+        rows.append([entry.name, grid, *cells, ""])
+    for entry in adaptive:
+        runs = sorted(
+            (r for r in results if r["dim"] == dim and r["method"] == entry.name and r["budget"] == "adaptive"),
+            key=lambda r: r["nfe"],
+        )
+        if runs:
+            pairs = ", ".join(f"{r['nfe']}→{r[metric]:.2g}" for r in runs)
+            rows.append([entry.name, entry.grid, *["" for _ in budgets], pairs])
+    peers = {"traj": PEER_TRAJ, "sw2": PEER_SW2}[metric].get(dim, {})
+    peer_row = [peers[b][0] if b in peers else None for b in budgets]
+    adaptive_peer = ""
+    if metric == "traj" and dim in PEER_TRAJ_ADAPTIVE:
+        adaptive_peer = ", ".join(f"{n}→{e:.2g} ({lab})" for n, e, lab in PEER_TRAJ_ADAPTIVE[dim])
+    rows.append(["best peer (PEERS.md)", "", *[_g(v) for v in peer_row], adaptive_peer])
+    if metric == "sw2" and dim in PEER_SW2_STOCHASTIC:
+        sto = PEER_SW2_STOCHASTIC[dim]
+        rows.append(["best stochastic peer", "", *[_g(sto[b][0]) if b in sto else "-" for b in budgets], ""])
+    ratios = [
+        f"{best[b] / p:.2f}×" if (p is not None and best[b] is not None) else "-" for b, p in zip(budgets, peer_row)
+    ]
+    rows.append(["best ours / best peer", "", *ratios, ""])
+    title = {"traj": "traj: RMSE to the exact PF-ODE endpoint / data std", "sw2": "SW2 to exact samples / data std"}
+    out = [f"### {title[metric]}, d = {dim}", "", "cells: error (actual NFE); * = our best in the column", ""]
+    out.append(render(header, rows))
+    if peers:
+        out.append("peer methods: " + "; ".join(f"NFE {b}: {peers[b][1]}" for b in budgets if b in peers))
+    if metric == "sw2" and floor is not None:
+        peer_floor = PEER_FLOOR.get(dim)
+        line = f"noise floor (exact vs exact, same batch): {floor[0]:.4f} ± {floor[1]:.4f}"
+        if peer_floor:
+            line += f" (PEERS.md at batch 20000: {peer_floor[0]} ± {peer_floor[1]})"
+        out.append(line)
+    return "\n".join(out)
+
+
+def overhead_table(bare_seconds: float, rows: list[dict]) -> str:
+    header = ["method", "grid", "NFE", "sampler s", "overhead (/ 20 calls)", "overhead per NFE"]
+    body = [
+        [r["method"], r["grid"], str(r["nfe"]), f"{r['sampler_seconds']:.3f}", f"{r['overhead']:.2f}",
+         f"{r['overhead_per_nfe']:.2f}"]
+        for r in rows
+    ]  # fmt: skip
+    return "\n".join([
+        f"### overhead, d = {OVERHEAD_DIM}, NFE ≤ {OVERHEAD_NFE}",
+        "",
+        f"20 bare denoiser calls (jitted fori_loop, vmapped): {bare_seconds:.3f} s "
+        f"({1e3 * bare_seconds / OVERHEAD_NFE:.1f} ms per call); median of timed runs after compilation",
+        "",
+        render(header, body),
+        PEER_OVERHEAD,
+    ])  # fmt: skip
+
+
+def plot(path: Path, results: list[dict], problems: dict[int, Problem], fixed_rows, adaptive, budgets) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dims = sorted(problems)
+    fig, axes = plt.subplots(2, len(dims), figsize=(6.5 * len(dims), 9), squeeze=False)
+    names = [e.name for e, _ in fixed_rows] + [a.name for a in adaptive]
+    names = list(dict.fromkeys(names))
+    colors = {n: plt.get_cmap("tab20")(i % 20) for i, n in enumerate(names)}
+    styles = {"UniformLogSNR": "-", "KarrasSigma": "--"}
+    for col, dim in enumerate(dims):
+        for row, metric in enumerate(("traj", "sw2")):
+            ax = axes[row, col]
+            for entry, grid in fixed_rows:
+                if metric == "traj" and entry.stochastic:
+                    continue
+                pts = sorted(
+                    (r["nfe"], r[metric]) for r in results
+                    if r["dim"] == dim and r["method"] == entry.name and r["grid"] == grid
+                    and r["budget"] != "adaptive" and math.isfinite(r[metric])
+                )  # fmt: skip
+                if pts:
+                    ax.plot(*zip(*pts), styles.get(grid, ":"), marker=".", color=colors[entry.name],
+                            label=f"{entry.name} / {grid}")  # fmt: skip
+            for entry in adaptive:
+                pts = sorted(
+                    (r["nfe"], r[metric]) for r in results
+                    if r["dim"] == dim and r["method"] == entry.name and r["budget"] == "adaptive"
+                    and math.isfinite(r[metric])
+                )  # fmt: skip
+                if pts:
+                    ax.plot(*zip(*pts), ":", marker="o", color=colors[entry.name], label=f"{entry.name} / {entry.grid}")
+            peers = {"traj": PEER_TRAJ, "sw2": PEER_SW2}[metric].get(dim, {})
+            pb = [(b, peers[b][0]) for b in budgets if b in peers]
+            if pb:
+                ax.plot(*zip(*pb), "ks", markersize=7, label="best peer (PEERS.md)")
+            if metric == "traj" and dim in PEER_TRAJ_ADAPTIVE:
+                ax.plot([p[0] for p in PEER_TRAJ_ADAPTIVE[dim]], [p[1] for p in PEER_TRAJ_ADAPTIVE[dim]], "k^",
+                        markersize=7, label="adaptive peers (PEERS.md)")  # fmt: skip
+            if metric == "sw2":
+                sto = PEER_SW2_STOCHASTIC.get(dim, {})
+                ps = [(b, sto[b][0]) for b in budgets if b in sto]
+                if ps:
+                    ax.plot(*zip(*ps), "kx", markersize=8, label="best stochastic peer (PEERS.md)")
+                floor = problems[dim].floor[0]
+                ax.axhline(floor, color="grey", linestyle="-.", linewidth=1, label="noise floor (exact vs exact)")
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel("NFE (model calls actually made)")
+            ax.set_ylabel({"traj": "traj RMSE / data std", "sw2": "SW2 / data std"}[metric])
+            ax.set_title(f"{'trajectory error' if metric == 'traj' else 'sliced W2'}, d = {dim}")
+            ax.grid(True, which="both", alpha=0.3)
+    handles, labels = {}, {}
+    for ax in axes.flat:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    fig.legend(list(handles.values()), list(handles), loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+    fig.suptitle("Exact-GMM sampler benchmark (EDM, σ 80 → 0.002, float64)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------
+# Main
+# ------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dims", type=int, nargs="+", default=[2, 64])
+    p.add_argument("--batch", type=int, default=None, help="samples per run for SW2 (default 20000; quick 512)")
+    p.add_argument("--traj-points", type=int, default=None, help="starts used for traj (default 2000; quick 256)")
+    p.add_argument("--budgets", type=int, nargs="+", default=None, help="NFE budgets (default 5 10 20 50 100; quick 5 10)")
+    p.add_argument("--tols", type=float, nargs="+", default=None, help="rtol = atol of the adaptive rows")
+    p.add_argument("--methods", nargs="+", default=None, help="keep methods whose name contains one of these")
+    p.add_argument("--quick", action="store_true", help="batch 512, traj 256, budgets 5 10, a few methods")
+    p.add_argument("--overhead", action=argparse.BooleanOptionalAction, default=None,
+                   help="time NFE-20 samplers against bare denoiser calls (d = 64; default on, off in --quick)")  # fmt: skip
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per overhead measurement (median)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = p.parse_args(argv)
+    args.batch = args.batch or (512 if args.quick else 20000)
+    args.traj_points = args.traj_points or (256 if args.quick else 2000)
+    args.budgets = sorted(set(args.budgets or ([5, 10] if args.quick else [5, 10, 20, 50, 100])))
+    args.tols = args.tols or list(QUICK_TOLS if args.quick else TOLS)
+    args.methods = args.methods or (list(QUICK_METHODS) if args.quick else None)
+    args.overhead = (not args.quick) if args.overhead is None else args.overhead
+    if args.traj_points > args.batch:
+        p.error("--traj-points must not exceed --batch")
+    if args.repeats < 3:
+        p.error("--repeats must be ≥ 3")
+    return args
+
+
+def _selected(name: str, grid: str, patterns: list[str] | None) -> bool:
+    return patterns is None or any(p.lower() in f"{name} {grid}".lower() for p in patterns)
+
+
+def available_methods(patterns: list[str] | None) -> tuple[list[tuple[Fixed, str]], list[Adaptive], list[str]]:
+    """Registry entries that exist in sde_diffusion, build, and pass the --methods filter."""
+    fixed, skipped = [], []
+    for entry in FIXED:
+        for grid in entry.grids:
+            if not _selected(entry.name, grid, patterns):
+                continue
+            if not hasattr(sd, entry.cls):
+                skipped.append(f"{entry.name}: sd.{entry.cls} does not exist (yet)")
+                break
+            try:
+                entry.make(2, GRIDS[grid]())
+            except Exception as err:  # a signature the registry does not match: report, skip
+                skipped.append(f"{entry.name} / {grid}: cannot build ({type(err).__name__}: {err})")
+                continue
+            fixed.append((entry, grid))
+    adaptive = [a for a in ADAPTIVE if _selected(a.name, a.grid, patterns)]
+    return fixed, adaptive, sorted(set(skipped))
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    jax.config.update("jax_enable_x64", True)
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    fixed_rows, adaptive, skipped = available_methods(args.methods)
+    started = time.perf_counter()
+
+    intro = [
+        "# Exact-GMM sampler benchmark (problem of shared/reference/PEERS.md)",
+        "",
+        f"float64; EDM (σ = t), every sampler from exact samples of p_80 down to t = 0.002; exact denoiser "
+        f"model; batch {args.batch}, seed {args.seed}, jax {jax.__version__} on {jax.devices()[0].platform}.",
+        f"traj = sqrt(mean over the first {args.traj_points} starts and all coordinates of (x − x_ref)²) / data std "
+        "(per-coordinate RMSE; x_ref = PF ODE from the same start, Dopri8 in uniform log-SNR, rtol = atol = 1e-10). "
+        "Taken from the same run as SW2: with fixed steps each endpoint depends on its own start only; adaptive "
+        "rows share one step sequence over the whole batch.",
+        "SW2 = sliced Wasserstein-2 (512 directions) between the batch of outputs and as many exact samples of "
+        "p_0.002, / data std. NFE = model calls actually made (info.nfe), not the nominal budget.",
+    ]
+    if skipped:
+        intro.append("skipped: " + "; ".join(skipped))
+    print("\n".join(intro), flush=True)
+
+    results, failures, problems, report = [], [], {}, list(intro)
+    overhead_rows, bare_seconds = [], None
+    for dim in args.dims:
+        t0 = time.perf_counter()
+        problem = build_problem(dim, args.seed, args.batch, args.traj_points)
+        problems[dim] = problem
+        line = (
+            f"\nd = {dim}: data std {problem.data_std:.4f} (PEERS.md: {PEER_DATA_STD.get(dim, '-')}; our mixture is "
+            f"drawn from jax.random.key({args.seed}), so its parameters differ from PEERS' draw), reference NFE "
+            f"{problem.reference_nfe}, SW2 noise floor {problem.floor[0]:.4f} ± {problem.floor[1]:.4f} "
+            f"(setup {time.perf_counter() - t0:.1f} s)"
+        )
+        print(line, flush=True)
+        report.append(line)
+        jobs = []
+        for entry, grid in fixed_rows:
+            for budget in args.budgets:
+                n = steps_for_budget(entry, budget)
+                if n is not None:
+                    jobs.append((entry, grid, budget, n))
+        jobs += [(entry, entry.grid, "adaptive", tol) for entry in adaptive for tol in args.tols]
+        done = {}
+        for entry, grid, budget, n in tqdm(jobs, desc=f"d={dim}", leave=False):
+            row = dict(method=entry.name, grid=grid, dim=dim, budget=budget)
+            try:
+                if budget == "adaptive":
+                    tol = jnp.asarray(n)  # an array: one compilation for the whole sweep
+                    method = sd.ProbabilityFlow(entry.solver, grid=GRIDS[grid](), rtol=tol, atol=tol)
+                    row.update(tol=n, num_steps="", nfe_expected="")
+                    row.update(run_one(problem, method, False, args.traj_points))
+                else:
+                    if (entry.name, grid, n) not in done:
+                        method = entry.make(n, GRIDS[grid]())
+                        done[entry.name, grid, n] = run_one(problem, method, entry.stochastic, args.traj_points)
+                    row.update(tol="", num_steps=n, nfe_expected=entry.nfe(n), **done[entry.name, grid, n])
+                    if row["nfe"] > budget:
+                        failures.append(f"{entry.name} / {grid} d={dim}: NFE {row['nfe']} over budget {budget}")
+            except Exception as err:
+                failures.append(f"{entry.name} / {grid} d={dim} budget {budget}: {type(err).__name__}: {err}")
+                tqdm.write(traceback.format_exc(), file=sys.stderr)
+                continue
+            results.append(row)
+        if args.overhead and dim == OVERHEAD_DIM:
+            bare_seconds, overhead_rows = measure_overhead(problem, [fr for fr in fixed_rows], args.repeats)
+
+    tables = []
+    for metric in ("traj", "sw2"):
+        for dim in args.dims:
+            tables.append(
+                metric_table(metric, dim, results, fixed_rows, adaptive, args.budgets, problems[dim].floor)
+            )
+    if overhead_rows:
+        tables.append(overhead_table(bare_seconds, overhead_rows))
+    wall = time.perf_counter() - started
+    tail = [f"wall time {wall:.1f} s"]
+    if failures:
+        tail.append("FAILURES:\n" + "\n".join(f"- {f}" for f in failures))
+    text = "\n\n".join(tables + tail)
+    print("\n" + text, flush=True)
+    (args.out / "tables.md").write_text("\n".join(report) + "\n\n" + text + "\n")
+
+    columns = ["method", "grid", "dim", "budget", "tol", "num_steps", "nfe", "nfe_expected", "traj", "sw2", "seconds"]
+    with open(args.out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for r in results:
+            writer.writerow({k: r.get(k, "") for k in columns})
+    if overhead_rows:
+        with open(args.out / "overhead.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(overhead_rows[0]))
+            writer.writeheader()
+            writer.writerows(overhead_rows)
+    plot(args.out / "solvers.png", results, problems, fixed_rows, adaptive, args.budgets)
+    print(f"wrote {args.out / 'results.csv'}, {args.out / 'solvers.png'}, {args.out / 'tables.md'}", flush=True)
+    return dict(
+        results=results, failures=failures, skipped=skipped, overhead=overhead_rows, bare_seconds=bare_seconds,
+        floors={d: p.floor for d, p in problems.items()}, data_std={d: p.data_std for d, p in problems.items()},
+        wall_seconds=wall,
+    )  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
