@@ -116,7 +116,7 @@ ADAPTIVE: list[Adaptive] = [
 
 TOLS = (1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8)
 QUICK_TOLS = (1e-4, 1e-8)
-QUICK_METHODS = ("PF-Euler", "EulerMaruyama", "DPMSolverPP-2", "PF-Tsit5-PID")
+QUICK_METHODS = ("PF-Euler", "EulerMaruyama", "DDIM", "DPMSolverPP-2", "PF-Tsit5-PID")
 REFERENCE = dict(solver=diffrax.Dopri8(), rtol=1e-10, atol=1e-10)  # grid: UniformLogSNR
 OVERHEAD_NFE = 20
 OVERHEAD_DIM = 64
@@ -369,7 +369,8 @@ def plot(path: Path, results: list[dict], problems: dict[int, Problem], fixed_ro
     fig, axes = plt.subplots(2, len(dims), figsize=(6.5 * len(dims), 9), squeeze=False)
     names = [e.name for e, _ in fixed_rows] + [a.name for a in adaptive]
     names = list(dict.fromkeys(names))
-    colors = {n: plt.get_cmap("tab20")(i % 20) for i, n in enumerate(names)}
+    cmap = plt.get_cmap("tab20")  # dark shades first, then light ones: neighbours stay distinguishable
+    colors = {n: cmap((2 * i) % 20 + (2 * i // 20) % 2) for i, n in enumerate(names)}
     styles = {"UniformLogSNR": "-", "KarrasSigma": "--"}
     for col, dim in enumerate(dims):
         for row, metric in enumerate(("traj", "sw2")):

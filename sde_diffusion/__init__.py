@@ -27,3 +27,5 @@ from .simulate import simulate
 from .grids import AbstractTimeGrid, GivenTimes, KarrasSigma, QuadraticTime, UniformLogSNR, UniformTime
 from .parametrization import AbstractPrediction, Denoiser, Noise, Score, Velocity
 from .multistep import DDIM, DEIS, AbstractMultistep, DPMSolverPP, DPMSolverPP2MSDE, UniPC
+from .singlestep import DPMSolverPP2S, EDMHeun
+from .predictor_corrector import PredictorCorrector

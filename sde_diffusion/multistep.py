@@ -78,7 +78,7 @@ class AbstractMultistep(AbstractGridSampler):
             for n in range(len(per_order[0]))
         )
 
-    def integrate(self, sde, denoise, c, x, key):
+    def integrate(self, denoise, c, x, key, ends_at_zero_noise):
         n = self.num_steps
         steps = jnp.arange(n)
         a, b = jax.vmap(lambda i: self._table(c, i, self.predictor))(steps)
@@ -88,7 +88,7 @@ class AbstractMultistep(AbstractGridSampler):
         noise = jax.vmap(lambda i: self.noise_scale(c, i))(steps) if self.noise_scale(c, 0) is not None else None
 
         def evaluate(i, x_i):
-            return self.prediction(c.alpha[i], c.sigma[i], x_i, denoise(i, x_i))
+            return self.prediction(c.alpha[i], c.sigma[i], x_i, denoise(c.ts[i], x_i))
 
         def predict(i, x_i, history):
             x_next = a[i] * x_i + jnp.tensordot(b[i], history, axes=1)

@@ -169,13 +169,16 @@ class GridCoordinates(eqx.Module):
 
 class AbstractGridSampler(AbstractSamplingMethod):
     """A fixed-step sampler on ``num_steps`` steps of ``grid`` for a ``ScheduleSDE``, written as
-    ``integrate(sde, denoise, coords, x, key)`` with ``denoise(i, x) = D(x, t_i)`` on the batch."""
+    ``integrate(denoise, coords, x, key, ends_at_zero_noise)`` with ``denoise(t, x) = D(x, t)`` on
+    the batch and ``ends_at_zero_noise`` whether ``σ(t_N) = 0``."""
 
     num_steps: eqx.AbstractVar[int]
     grid: eqx.AbstractVar[AbstractTimeGrid]
 
     @abc.abstractmethod
-    def integrate(self, sde, denoise, coords: GridCoordinates, x: Array, key: PRNGKeyArray) -> Array:
+    def integrate(
+        self, denoise, coords: GridCoordinates, x: Array, key: PRNGKeyArray, ends_at_zero_noise: bool
+    ) -> Array:
         """Samples at ``t_N`` from ``x`` at ``t_0``."""
 
     @abc.abstractmethod
@@ -190,12 +193,12 @@ class AbstractGridSampler(AbstractSamplingMethod):
         coords = GridCoordinates(sde, self.grid.times(sde, t_start, t_end, self.num_steps).astype(x_start.dtype))
         batched = jax.vmap(model.denoiser, in_axes=(None, None, 0))
 
-        def denoise(i, x):
-            return batched(sde, coords.ts[i], x)
+        def denoise(t, x):
+            return batched(sde, t, x)
 
-        x = self.integrate(sde, denoise, coords, x_start, key)
         with jax.ensure_compile_time_eval():
             ends_at_zero_noise = bool(sde.sigma(t_end) == 0)
+        x = self.integrate(denoise, coords, x_start, key, ends_at_zero_noise)
         n = self.num_steps
         return x, SampleInfo(self.evaluations(ends_at_zero_noise), n, n, 0)
 

@@ -1,0 +1,129 @@
+"""The exact-GMM sampler benchmark (benchmarks/solvers.py) in its quick mode, run in-process."""
+
+import csv
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+
+import sde_diffusion as sd
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "solvers.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("benchmark_solvers", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load()
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    """One quick run (with overhead timing) shared by the tests below."""
+    out = tmp_path_factory.mktemp("bench")
+    previous = jax.config.jax_enable_x64
+    try:
+        summary = bench.main(["--quick", "--overhead", "--out", str(out)])
+    finally:
+        jax.config.update("jax_enable_x64", previous)
+    with open(out / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return out, summary, rows
+
+
+def _find(rows, method, grid, dim, budget, tol=None):
+    hits = [
+        r for r in rows
+        if r["method"] == method and r["grid"] == grid and int(r["dim"]) == dim and r["budget"] == str(budget)
+        and (tol is None or float(r["tol"]) == tol)
+    ]  # fmt: skip
+    assert len(hits) == 1, f"expected one row for {method} / {grid} d={dim} budget {budget} tol {tol}, got {hits}"
+    return hits[0]
+
+
+def _traj(rows, *key, **kw):
+    return float(_find(rows, *key, **kw)["traj"])
+
+
+def _present(name):
+    return [e for e in bench.FIXED if e.name == name and hasattr(sd, e.cls)]
+
+
+def test_steps_for_budget_follows_the_nfe_rules():
+    tsit5 = next(e for e in bench.FIXED if e.name == "PF-Tsit5")  # FSAL: 6 per step + 1
+    assert bench.steps_for_budget(tsit5, 5) is None
+    assert [bench.steps_for_budget(tsit5, b) for b in (7, 20, 100)] == [1, 3, 16]
+    heun = next(e for e in bench.FIXED if e.name == "PF-Heun")
+    assert [bench.steps_for_budget(heun, b) for b in (5, 10)] == [2, 5]
+    edm_heun = next(e for e in bench.FIXED if e.name == "EDMHeun")
+    assert [bench.steps_for_budget(edm_heun, b) for b in (1, 5, 20)] == [None, 2, 10]
+    ddim = next(e for e in bench.FIXED if e.name == "DDIM")
+    assert bench.steps_for_budget(ddim, 5) == 5
+
+
+def test_quick_run_writes_outputs_without_failures(quick):
+    out, summary, rows = quick
+    assert summary["failures"] == []
+    assert (out / "solvers.png").stat().st_size > 10_000
+    tables = (out / "tables.md").read_text()
+    assert "best peer (PEERS.md)" in tables and "noise floor" in tables
+    assert summary["wall_seconds"] < 90
+
+
+def test_quick_run_has_the_expected_rows_with_honest_nfe(quick):
+    _, _, rows = quick
+    expected = [("PF-Euler", g) for g in ("UniformLogSNR", "KarrasSigma")] + [("EulerMaruyama", "KarrasSigma")]
+    for name in ("DDIM", "DPMSolverPP-2"):
+        expected += [(e.name, g) for e in _present(name) for g in e.grids]
+    for dim in (2, 64):
+        for method, grid in expected:
+            for budget in (5, 10):
+                row = _find(rows, method, grid, dim, budget)
+                assert int(row["nfe"]) <= budget
+                assert int(row["nfe"]) == int(row["nfe_expected"])  # the NFE rule of its registry entry
+        for tol in bench.QUICK_TOLS:
+            _find(rows, "PF-Tsit5-PID", "UniformLogSNR", dim, "adaptive", tol)
+    for r in rows:
+        assert int(r["nfe"]) > 0 and math.isfinite(float(r["sw2"])) and float(r["sw2"]) > 0
+        stochastic = r["method"] in {e.name for e in bench.FIXED if e.stochastic}
+        assert math.isnan(float(r["traj"])) if stochastic else math.isfinite(float(r["traj"]))
+
+
+def test_quick_run_errors_behave(quick):
+    _, summary, rows = quick
+    for dim in (2, 64):
+        # the adaptive PF ODE at rtol 1e-8 is close to the Dopri8 reference, and cheaper tolerances are worse
+        tight = _find(rows, "PF-Tsit5-PID", "UniformLogSNR", dim, "adaptive", 1e-8)
+        loose = _find(rows, "PF-Tsit5-PID", "UniformLogSNR", dim, "adaptive", 1e-4)
+        assert float(tight["traj"]) < 1e-3
+        assert float(loose["traj"]) > float(tight["traj"]) and int(loose["nfe"]) < int(tight["nfe"])
+        # ... and its law is the target's: SW2 within the noise floor of two exact sets
+        floor_mean, _ = summary["floors"][dim]
+        assert float(tight["sw2"]) < 1.5 * floor_mean
+        # Euler–Maruyama with 5 steps is far from the target
+        assert float(_find(rows, "EulerMaruyama", "KarrasSigma", dim, 5)["sw2"]) > 3 * floor_mean
+        # first-order deterministic methods: more NFE, smaller trajectory error
+        first_order = [("PF-Euler", "UniformLogSNR")]
+        first_order += [(e.name, g) for e in _present("DDIM") for g in e.grids]
+        for method, grid in first_order:
+            assert _traj(rows, method, grid, dim, 10) < _traj(rows, method, grid, dim, 5), (method, grid, dim)
+
+
+def test_quick_run_measures_overhead(quick):
+    _, summary, _ = quick
+    rows = summary["overhead"]
+    assert {(r["method"], r["grid"]) for r in rows} >= {("PF-Euler", "UniformLogSNR"), ("PF-Euler", "KarrasSigma")}
+    assert summary["bare_seconds"] > 0
+    for r in rows:
+        assert r["dim"] == 64 and 0 < r["nfe"] <= bench.OVERHEAD_NFE
+        # a sampler making NFE model calls cannot be much faster than NFE bare calls
+        assert math.isfinite(r["overhead"]) and r["overhead_per_nfe"] > 0.5
+
