@@ -29,3 +29,4 @@ from .parametrization import AbstractPrediction, Denoiser, Noise, Score, Velocit
 from .multistep import DDIM, DEIS, AbstractMultistep, DPMSolverPP, DPMSolverPP2MSDE, UniPC
 from .singlestep import DPMSolverPP2S, EDMHeun
 from .predictor_corrector import PredictorCorrector
+from .grid_optimizer import GridOptimization, optimize_grid

@@ -77,10 +77,14 @@ class EDMHeun(AbstractGridSampler):
         in_range = (sigma_hat >= self.s_tmin) & (sigma_hat <= self.s_tmax)
         gamma = jnp.where(in_range, min(self.churn / self.num_steps, 2**0.5 - 1), 0.0)
         sigma_max = jnp.exp(-0.5 * c.sde.log_snr(c.sde.t1))
-        raised = jnp.minimum(sigma_hat * (1 + gamma), sigma_max)
+        # relative increase, written so that γ = 0 adds exactly nothing (no σ̂'² − σ̂² round-off)
+        gamma = jnp.maximum(jnp.minimum(gamma, sigma_max / sigma_hat - 1), 0.0)
+        raised = sigma_hat * (1 + gamma)
         z = jax.random.normal(jax.random.fold_in(key, i), x_hat.shape, x_hat.dtype)
-        x_hat = x_hat + jnp.sqrt(raised**2 - sigma_hat**2) * self.s_noise * z
-        return c.sde.t_from_log_snr(-2 * jnp.log(raised)), raised, x_hat
+        x_hat = x_hat + sigma_hat * jnp.sqrt(gamma * (2 + gamma)) * self.s_noise * z
+        t_raised = jnp.clip(c.sde.t_from_log_snr(-2 * jnp.log(raised)), c.sde.t0, c.sde.t1)
+        t = jnp.where(gamma > 0, t_raised, c.ts[i])
+        return t, raised, x_hat
 
     def integrate(self, denoise, c, x, key, ends_at_zero_noise):
         def slope(t, sigma_hat, x_hat):

@@ -27,11 +27,11 @@ bench = _load()
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    """One quick run (with overhead timing) shared by the tests below."""
+    """One quick run shared by the tests below."""
     out = tmp_path_factory.mktemp("bench")
     previous = jax.config.jax_enable_x64
     try:
-        summary = bench.main(["--quick", "--overhead", "--out", str(out)])
+        summary = bench.main(["--quick", "--out", str(out)])
     finally:
         jax.config.update("jax_enable_x64", previous)
     with open(out / "results.csv", newline="") as f:
@@ -117,13 +117,13 @@ def test_quick_run_errors_behave(quick):
             assert _traj(rows, method, grid, dim, 10) < _traj(rows, method, grid, dim, 5), (method, grid, dim)
 
 
-def test_quick_run_measures_overhead(quick):
-    _, summary, _ = quick
-    rows = summary["overhead"]
-    assert {(r["method"], r["grid"]) for r in rows} >= {("PF-Euler", "UniformLogSNR"), ("PF-Euler", "KarrasSigma")}
-    assert summary["bare_seconds"] > 0
+def test_quick_run_skips_overhead_and_measures_it_on_request(quick, x64):
+    out, summary, _ = quick
+    assert summary["overhead"] == [] and not (out / "overhead.csv").exists()
+    euler = [(e, g) for e, g in summary["fixed_rows"] if e.name == "PF-Euler"]
+    bare_seconds, rows = bench.measure_overhead(summary["problems"][64], euler, repeats=3)
+    assert bare_seconds > 0 and {(r["method"], r["grid"]) for r in rows} == {("PF-Euler", g) for g in bench.GRIDS}
     for r in rows:
-        assert r["dim"] == 64 and 0 < r["nfe"] <= bench.OVERHEAD_NFE
+        assert r["dim"] == 64 and r["nfe"] == bench.OVERHEAD_NFE
         # a sampler making NFE model calls cannot be much faster than NFE bare calls
         assert math.isfinite(r["overhead"]) and r["overhead_per_nfe"] > 0.5
-

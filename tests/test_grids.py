@@ -1,0 +1,51 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import sde_diffusion as sd
+
+
+def test_grids_run_from_start_to_end_and_decrease(x64):
+    for sde in (sd.VP(), sd.EDM(), sd.CosineVP(), sd.RectifiedFlow()):
+        t_start, t_end = sde.t1, sde.t0 + 0.01 * (sde.t1 - sde.t0)
+        for grid in (sd.UniformTime(), sd.QuadraticTime(), sd.UniformLogSNR(), sd.KarrasSigma()):
+            ts = grid.times(sde, t_start, t_end, 9)
+            assert ts.shape == (10,) and ts[0] == t_start and ts[-1] == t_end
+            assert jnp.all(jnp.diff(ts) < 0), (type(sde).__name__, type(grid).__name__)
+
+
+def test_grid_definitions(x64):
+    sde = sd.VP()
+    t_start, t_end = 1.0, 0.01
+    lam = jax.vmap(sde.log_snr)(sd.UniformLogSNR().times(sde, t_start, t_end, 8))
+    np.testing.assert_allclose(np.diff(lam), (sde.log_snr(t_end) - sde.log_snr(t_start)) / 8, rtol=1e-9)
+    sigma_hat = jnp.exp(-0.5 * jax.vmap(sde.log_snr)(sd.KarrasSigma(rho=7.0).times(sde, t_start, t_end, 8)))
+    np.testing.assert_allclose(np.diff(sigma_hat ** (1 / 7)), np.diff(sigma_hat ** (1 / 7))[0], rtol=1e-9)
+    ts = sd.QuadraticTime().times(sde, t_start, t_end, 4)
+    np.testing.assert_allclose(ts, t_end + (t_start - t_end) * (1 - np.arange(5) / 4) ** 2, rtol=1e-12)
+
+
+def test_karras_reaches_zero_noise(x64):
+    sde = sd.EDM(t0=0.0)
+    ts = sd.KarrasSigma().times(sde, 80.0, 0.0, 5)
+    assert ts[-1] == 0.0 and ts[-2] > 0
+
+
+def test_given_times():
+    grid = sd.GivenTimes([1.0, 0.5, 0.2, 0.0])
+    np.testing.assert_allclose(grid.times(sd.VP(), 1.0, 0.0, 3), [1.0, 0.5, 0.2, 0.0])
+    with pytest.raises(ValueError, match="steps"):
+        grid.times(sd.VP(), 1.0, 0.0, 4)
+    with pytest.raises(ValueError, match="t_start and t_end"):
+        grid.times(sd.VP(), 1.0, 0.1, 3)
+    with pytest.raises(ValueError, match="decrease"):
+        sd.GivenTimes([0.0, 1.0])
+
+
+def test_noise_level_grids_need_a_schedule():
+    sde = sd.SDE(lambda t, x: -x, lambda t, x: 1.0)
+    with pytest.raises(TypeError, match="ScheduleSDE"):
+        sd.UniformLogSNR().times(sde, 1.0, 0.0, 3)
+    with pytest.raises(ValueError, match="rho"):
+        sd.KarrasSigma(rho=0.0)
