@@ -30,3 +30,4 @@ from .multistep import DDIM, DEIS, AbstractMultistep, DPMSolverPP, DPMSolverPP2M
 from .singlestep import DPMSolverPP2S, EDMHeun
 from .predictor_corrector import PredictorCorrector
 from .grid_optimizer import GridOptimization, optimize_grid
+from .adaptive import AdaptiveDPMSolverPP

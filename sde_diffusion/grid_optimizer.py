@@ -27,6 +27,7 @@ the initial and the optimised grid, shows whether the grid generalises.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import diffrax
@@ -108,10 +109,10 @@ def optimize_grid(
     x_start_sampler: Callable[[PRNGKeyArray, int], Array],
     t_start: float | None = None,
     t_end: float | None = None,
-    num_train: int = 64,
+    num_train: int = 256,
     num_val: int = 256,
     iterations: int = 200,
-    learning_rate: float = 0.05,
+    learning_rate: float = 0.03,
     initial_grid: AbstractTimeGrid = UniformLogSNR(),
     reference_method: AbstractSamplingMethod | None = None,
     progress: bool = True,
@@ -221,7 +222,7 @@ def optimize_grid(
     for k in bar:
         new_theta, opt_state, value, finite = step(theta, opt_state, x_train, y_train)
         value = float(value)
-        if not (bool(finite) and jnp.isfinite(value)):
+        if not (bool(finite) and math.isfinite(value)):
             raise FloatingPointError(f"non-finite training loss or gradient at iteration {k} (loss {value})")
         history.append(value)
         if value < best_loss:

@@ -124,7 +124,7 @@ def _pad(values: list, size: int) -> Array:
 
 class DPMSolverPP(AbstractMultistep):
     """DPM-Solver++ (Lu et al. 2022) multistep in data prediction: order 1 is DDIM; 2M:
-    ``D' = (1 + 1/2r) D_i − (1/2r) D_{i−1}``, ``r = h_{i−1}/h_i``; 3M as in k-diffusion."""
+    ``D' = (1 + 1/2r) D_i − (1/2r) D_{i−1}``, ``r = h_{i−1}/h_i``; 3M (see ``dpm_solver_pp_weights``)."""
 
     num_steps: int = eqx.field(static=True)
     order: int = eqx.field(default=2, static=True)
@@ -132,24 +132,35 @@ class DPMSolverPP(AbstractMultistep):
     lower_order_final: bool = eqx.field(default=True, static=True)
 
     def predictor(self, c, i, k):
-        a, b0, h = _first_order(c, i)
-        alpha1 = c.at(i, 1)[0]
-        if k == 1:
-            return a, _pad([b0], self.order)
-        h1 = c.at(i, 0)[2] - c.at(i, -1)[2]
-        r0 = h1 / h
-        if k == 2:
-            return a, _pad([b0 * (1 + 0.5 / r0), -b0 * 0.5 / r0], self.order)
-        h2 = c.at(i, -1)[2] - c.at(i, -2)[2]
-        r1 = h2 / h
-        # d1_0 = (D_i − D_{i−1})/r0, d1_1 = (D_{i−1} − D_{i−2})/r1 as coefficient vectors
-        d1_0 = jnp.stack([1 / r0, -1 / r0, 0 * r0])
-        d1_1 = jnp.stack([0 * r1, 1 / r1, -1 / r1])
-        d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
-        d2 = (d1_0 - d1_1) / (r0 + r1)
-        phi2 = jnp.expm1(-h) / h + 1
-        phi3 = phi2 / h - 0.5
-        return a, _pad([b0, 0 * b0, 0 * b0], 3) + alpha1 * (phi2 * d1 - 2 * phi3 * d2)
+        alpha1, sigma1, lam1 = c.at(i, 1)
+        lams = jnp.stack([c.at(i, -j)[2] for j in range(3)])
+        return sigma1 / c.sigma[i], alpha1 * dpm_solver_pp_weights(k, lam1, lams)[: self.order]
+
+
+def dpm_solver_pp_weights(k: int, lam_next: Array, lams: Array) -> Array:
+    """Weights ``w`` (length 3) of ``x_{i+1} = (σ_{i+1}/σ_i) x_i + α_{i+1} Σ_j w_j D_{i−j}`` for the
+    order-``k`` DPM-Solver++ step from ``λ_i = lams[0]`` (earlier ``λ_{i−1}, λ_{i−2}`` after it) to
+    ``lam_next``: the exponential integral of the degree-``k−1`` extrapolation of ``D`` in ``λ``.
+
+    Order 3 uses ``−2 φ₃ D₂`` where the usual write-up has ``−φ₃ D₂``: ``D₂ ≈ h² D''/2`` and the
+    integral needs ``−h² φ₃ D''`` (tests check exactness on quadratics and order 3).
+    """
+    h = lam_next - lams[0]
+    b0, zero = -jnp.expm1(-h), jnp.zeros_like(h)  # (h = ∞ at σ = 0: no 0·∞)
+    if k == 1:
+        return jnp.stack([b0, zero, zero])
+    r0 = (lams[0] - lams[1]) / h
+    if k == 2:
+        return jnp.stack([b0 * (1 + 0.5 / r0), -b0 * 0.5 / r0, zero])
+    r1 = (lams[1] - lams[2]) / h
+    # d1_0 = (D_i − D_{i−1})/r0, d1_1 = (D_{i−1} − D_{i−2})/r1 as coefficient vectors
+    d1_0 = jnp.stack([1 / r0, -1 / r0, 0 * r0])
+    d1_1 = jnp.stack([0 * r1, 1 / r1, -1 / r1])
+    d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
+    d2 = (d1_0 - d1_1) / (r0 + r1)
+    phi2 = jnp.expm1(-h) / h + 1
+    phi3 = phi2 / h - 0.5
+    return jnp.stack([b0, zero, zero]) + phi2 * d1 - 2 * phi3 * d2
 
 
 class DDIM(AbstractMultistep):

@@ -69,6 +69,13 @@ def test_steps_for_budget_follows_the_nfe_rules():
     assert bench.steps_for_budget(ddim, 5) == 5
 
 
+def test_sliced_w2_helper_equals_the_library_metric(x64):
+    keys = jax.random.split(jax.random.key(0), 3)
+    x, y = jax.random.normal(keys[0], (300, 5)), 1.5 * jax.random.normal(keys[1], (300, 5))
+    expected = float(sd.sliced_wasserstein(x, y, keys[2], num_projections=64))
+    assert bench.SlicedW2(y, keys[2], num_projections=64)(x) == pytest.approx(expected, rel=1e-12)
+
+
 def test_quick_run_writes_outputs_without_failures(quick):
     out, summary, rows = quick
     assert summary["failures"] == []
@@ -106,7 +113,7 @@ def test_quick_run_errors_behave(quick):
         assert float(tight["traj"]) < 1e-3
         assert float(loose["traj"]) > float(tight["traj"]) and int(loose["nfe"]) < int(tight["nfe"])
         # ... and its law is the target's: SW2 within the noise floor of two exact sets
-        floor_mean, _ = summary["floors"][dim]
+        floor_mean = summary["floors"][dim][0]
         assert float(tight["sw2"]) < 1.5 * floor_mean
         # Euler–Maruyama with 5 steps is far from the target
         assert float(_find(rows, "EulerMaruyama", "KarrasSigma", dim, 5)["sw2"]) > 3 * floor_mean
