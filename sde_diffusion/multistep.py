@@ -26,7 +26,7 @@ import numpy as np
 from jaxtyping import Array, PRNGKeyArray
 
 from .grids import AbstractTimeGrid, UniformLogSNR
-from .sample import AbstractGridSampler, GridCoordinates
+from .sample import AbstractGridSampler, GridCoordinates, sampling_noise
 
 
 class AbstractMultistep(AbstractGridSampler):
@@ -79,12 +79,17 @@ class AbstractMultistep(AbstractGridSampler):
         )
 
     def integrate(self, denoise, c, x, key, ends_at_zero_noise):
-        n = self.num_steps
+        n, slots = self.num_steps, self.order
         steps = jnp.arange(n)
+        # History is a ring buffer: P_m lives in slot m mod K, so no copies per step; the weight
+        # b_ij of P_{i−j} moves to slot (i − j) mod K.
+        to_slots = jax.vmap(lambda b, i: b[(i - jnp.arange(slots)) % slots])
         a, b = jax.vmap(lambda i: self._table(c, i, self.predictor))(steps)
+        b = to_slots(b, steps)
         corrected = self.corrector(c, jnp.array(0), 1) is not None
         if corrected:
             a_c, b_c, b_new = jax.vmap(lambda i: self._table(c, i, self.corrector))(steps)
+            b_c = to_slots(b_c, steps)
         noise = jax.vmap(lambda i: self.noise_scale(c, i))(steps) if self.noise_scale(c, 0) is not None else None
 
         def evaluate(i, x_i):
@@ -93,7 +98,7 @@ class AbstractMultistep(AbstractGridSampler):
         def predict(i, x_i, history):
             x_next = a[i] * x_i + jnp.tensordot(b[i], history, axes=1)
             if noise is not None:
-                x_next = x_next + noise[i] * jax.random.normal(jax.random.fold_in(key, i), x_i.shape, x_i.dtype)
+                x_next = x_next + noise[i] * sampling_noise(jax.random.fold_in(key, i), x_i.shape, x_i.dtype)
             return x_next
 
         def step(carry, i):
@@ -102,10 +107,10 @@ class AbstractMultistep(AbstractGridSampler):
             p_next = evaluate(i + 1, x_next)
             if corrected:
                 x_next = a_c[i] * x_i + jnp.tensordot(b_c[i], history, axes=1) + b_new[i] * p_next
-            history = jnp.concatenate([p_next[None], history[:-1]])
+            history = jax.lax.dynamic_update_index_in_dim(history, p_next, (i + 1) % slots, 0)
             return (x_next, history), None
 
-        history = jnp.zeros((self.order,) + x.shape, x.dtype).at[0].set(evaluate(0, x))
+        history = jnp.zeros((slots,) + x.shape, x.dtype).at[0].set(evaluate(0, x))
         (x, history), _ = jax.lax.scan(step, (x, history), steps[:-1])
         return predict(n - 1, x, history)
 

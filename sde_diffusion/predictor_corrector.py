@@ -8,7 +8,7 @@ import jax.numpy as jnp
 
 from .grids import AbstractTimeGrid, UniformTime
 from .reverse import ReverseSDE
-from .sample import AbstractSamplingMethod, SampleInfo
+from .sample import AbstractSamplingMethod, SampleInfo, sampling_noise
 
 
 class PredictorCorrector(AbstractSamplingMethod):
@@ -43,7 +43,7 @@ class PredictorCorrector(AbstractSamplingMethod):
 
         def langevin(t, x, key):
             grad = score(sde, t, x)
-            z = jax.random.normal(key, x.shape, x.dtype)
+            z = sampling_noise(key, x.shape, x.dtype)
             eps = 2 * (self.snr * norm(z) / norm(grad)) ** 2
             return x + eps * grad + jnp.sqrt(2 * eps) * z
 
@@ -51,7 +51,7 @@ class PredictorCorrector(AbstractSamplingMethod):
             ds, s = t - t_next, sde.t1 - t
 
             def one(x, key):
-                dw = jnp.sqrt(ds) * jax.random.normal(key, noise_shape, x.dtype)
+                dw = jnp.sqrt(ds) * sampling_noise(key, noise_shape, x.dtype)
                 return x + reverse.drift(s, x) * ds + noise.apply(reverse.diffusion(s, x), dw)
 
             return jax.vmap(one)(x, jax.random.split(key, n))

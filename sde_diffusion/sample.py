@@ -24,6 +24,17 @@ from .sde import AbstractSDE
 from .simulate import solve_paths
 
 
+def sampling_noise(key: PRNGKeyArray, shape: tuple[int, ...], dtype) -> Array:
+    """Standard normal draws for samplers, made in at most float32 and cast to ``dtype``.
+
+    In float64 runs this is 5× cheaper on CPU than float64 draws (whose inverse-erf transform
+    costs more than a model call on a 20000 × 64 batch); a sampler's accuracy does not depend on
+    the 53-bit precision of its noise. (``simulate`` keeps full-precision increments.)
+    """
+    draw_dtype = jnp.float32 if jnp.dtype(dtype).itemsize > 4 else dtype
+    return jax.random.normal(key, shape, draw_dtype).astype(dtype)
+
+
 class SampleInfo(eqx.Module):
     """What a sampler did: ``nfe`` score evaluations (on the batch), steps taken and rejected."""
 
@@ -93,7 +104,10 @@ class ReverseDiffusion(AbstractSamplingMethod):
     def __call__(self, sde, model, key, x_start, t_start, t_end):
         reverse = ReverseSDE(sde, lambda t, x: model.score(sde, t, x))
         s_grid = sde.t1 - self.grid.times(sde, t_start, t_end, self.num_steps)
-        ys, stats = solve_paths(reverse, x_start, key, s_grid[jnp.array([0, -1])], self.solver, s_grid, 0.0, self.num_steps + 1)
+        ys, stats = solve_paths(
+            reverse, x_start, key, s_grid[jnp.array([0, -1])], self.solver, s_grid, 0.0, self.num_steps + 1,
+            noise_dtype=jnp.float32 if x_start.dtype == jnp.float64 else None,
+        )
         return ys[-1], _info(stats, self.solver)
 
 

@@ -44,18 +44,21 @@ def solve_paths(
     steps: Array | diffrax.AbstractAdaptiveStepSizeController,
     dt0: float,
     max_steps: int,
+    noise_dtype=None,
 ) -> tuple[Array, dict]:
     """Integrate a batch ``x0`` of shape ``(n, ...)`` one independent path per row.
 
     ``steps`` is a fixed grid (containing ``ts``), integrated with i.i.d. Brownian increments
     (``UnsafeBrownianPath``), or an adaptive controller started at ``dt0``, which needs a
     ``VirtualBrownianTree`` (repeated queries must agree). Returns states ``(len(ts), n, ...)``
-    and diffrax's step statistics of one row.
+    and diffrax's step statistics of one row. ``noise_dtype`` (default: the state's) is the
+    dtype of the Brownian increments (samplers draw them in float32, see ``sampling_noise``).
     """
     x0 = check_finite(x0, "x0")
     noise = sde.noise(x0[0])
     noise_shape = noise.shape(x0.shape[1:], jax.eval_shape(sde.diffusion, sde.t0, x0[0]).shape)
     levy_area = levy_area_for(solver)
+    noise_struct = jax.ShapeDtypeStruct(noise_shape, noise_dtype or x0.dtype)
     adaptive = isinstance(steps, diffrax.AbstractAdaptiveStepSizeController)
 
     def coefficient(t, x, args):
@@ -67,10 +70,10 @@ def solve_paths(
     def one_path(x, k):
         if adaptive:
             path = diffrax.VirtualBrownianTree(
-                ts[0], ts[-1], tol=dt0 / 16, shape=noise_shape, key=k, levy_area=levy_area
+                ts[0], ts[-1], tol=dt0 / 16, shape=noise_struct, key=k, levy_area=levy_area
             )
         else:
-            path = diffrax.UnsafeBrownianPath(shape=noise_shape, key=k, levy_area=levy_area)
+            path = diffrax.UnsafeBrownianPath(shape=noise_struct, key=k, levy_area=levy_area)
         terms = diffrax.MultiTerm(
             diffrax.ODETerm(lambda t, y, args: sde.drift(t, y)), diffrax.ControlTerm(coefficient, path)
         )

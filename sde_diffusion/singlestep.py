@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from .grids import AbstractTimeGrid, KarrasSigma, UniformLogSNR
-from .sample import AbstractGridSampler
+from .sample import AbstractGridSampler, sampling_noise
 
 
 def _loop(step, last_step, x, num_steps: int, ends_at_zero_noise: bool):
@@ -80,7 +80,7 @@ class EDMHeun(AbstractGridSampler):
         # relative increase, written so that γ = 0 adds exactly nothing (no σ̂'² − σ̂² round-off)
         gamma = jnp.maximum(jnp.minimum(gamma, sigma_max / sigma_hat - 1), 0.0)
         raised = sigma_hat * (1 + gamma)
-        z = jax.random.normal(jax.random.fold_in(key, i), x_hat.shape, x_hat.dtype)
+        z = sampling_noise(jax.random.fold_in(key, i), x_hat.shape, x_hat.dtype)
         x_hat = x_hat + sigma_hat * jnp.sqrt(gamma * (2 + gamma)) * self.s_noise * z
         t_raised = jnp.clip(c.sde.t_from_log_snr(-2 * jnp.log(raised)), c.sde.t0, c.sde.t1)
         t = jnp.where(gamma > 0, t_raised, c.ts[i])

@@ -94,7 +94,9 @@ def test_bad_input():
     with pytest.raises(ValueError, match="t_end < t_start"):
         run(sd.DPMSolverPP(5), t_start=100.0)
     with pytest.raises(ValueError, match="adds noise"):
-        run(sd.DDIM(5, eta=1.0))
+        run(sd.DDIM(5, eta=1.0), num_train=8, num_val=8)
+    with pytest.raises(ValueError, match="adds noise"):
+        run(sd.EDMHeun(3, churn=1.0), num_train=8, num_val=8)
     with pytest.raises(ValueError, match="must return shape"):
         run(sd.DPMSolverPP(5), x_start_sampler=lambda k, n: jnp.zeros((3, 2)))
     with pytest.raises(TypeError, match="ScheduleSDE"):
