@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike
 
-from ._checks import require
+from ._checks import is_concrete, require
 from .schedule import AbstractScheduleSDE
 from .sde import AbstractSDE
 
@@ -28,8 +28,9 @@ class AbstractTimeGrid(eqx.Module):
         """Forward time at ``τ ∈ [0, 1]`` (before clipping round-off to ``[t_end, t_start]``)."""
 
     def time(self, sde: AbstractSDE, t_start: float, t_end: float, tau: ArrayLike) -> Array:
-        """Forward time at ``τ ∈ [0, 1]``."""
-        return jnp.clip(self.map(sde, t_start, t_end, tau), t_end, t_start)
+        """Forward time at ``τ ∈ [0, 1]`` (round-off clipped; ``dt/dτ`` is the map's own)."""
+        t = self.map(sde, t_start, t_end, tau)
+        return t + jax.lax.stop_gradient(jnp.clip(t, t_end, t_start) - t)
 
     def times(self, sde: AbstractSDE, t_start: float, t_end: float, num_steps: int) -> Array:
         """``num_steps + 1`` times from ``t_start`` down to ``t_end``."""
@@ -63,6 +64,9 @@ class UniformLogSNR(AbstractTimeGrid):
 
     def map(self, sde, t_start, t_end, tau):
         sde = _noise_levels(sde, "UniformLogSNR")
+        with jax.ensure_compile_time_eval():
+            if is_concrete(t_end) and not bool(sde.sigma(t_end) > 0):
+                raise ValueError("UniformLogSNR cannot reach σ = 0 (λ = ∞): end at t_end > t0 or use KarrasSigma")
         lam0, lam1 = sde.log_snr(t_start), sde.log_snr(t_end)
         return sde.t_from_log_snr(lam0 + tau * (lam1 - lam0))
 
@@ -85,7 +89,9 @@ class KarrasSigma(AbstractTimeGrid):
 
 
 class GivenTimes(AbstractTimeGrid):
-    """A user's decreasing times ``t_0 > … > t_N``, linear in ``τ`` between ``τ_i = i/N``.
+    """A user's decreasing times ``t_0 > … > t_N`` at ``τ_i = i/N``, joined by the monotone cubic
+    (Fritsch–Carlson) interpolant: ``t(τ)`` and ``t'(τ)`` are continuous, so an ODE solver in ``τ``
+    sees no slope jump at the knots.
 
     ``times(..., num_steps)`` returns them exactly when ``num_steps = N`` (and the ends match).
     """
@@ -100,8 +106,17 @@ class GivenTimes(AbstractTimeGrid):
         self.ts = ts
 
     def map(self, sde, t_start, t_end, tau):
-        grid = jnp.linspace(0.0, 1.0, self.ts.shape[0], dtype=self.ts.dtype)
-        return jnp.interp(tau, grid, self.ts)
+        n = self.ts.shape[0] - 1
+        secant = jnp.diff(self.ts) * n  # slopes dt/dτ of the segments (all < 0)
+        inner = jnp.where(
+            secant[:-1] * secant[1:] > 0, 2 / (1 / secant[:-1] + 1 / secant[1:]), 0.0
+        )  # harmonic mean at interior knots keeps the interpolant monotone
+        slopes = jnp.concatenate([secant[:1], inner, secant[-1:]])
+        u = jnp.clip(tau, 0.0, 1.0) * n
+        i = jnp.clip(jnp.floor(u).astype(jnp.int32), 0, n - 1)
+        s = u - i
+        h00, h10, h01, h11 = 2 * s**3 - 3 * s**2 + 1, s**3 - 2 * s**2 + s, -2 * s**3 + 3 * s**2, s**3 - s**2
+        return h00 * self.ts[i] + h01 * self.ts[i + 1] + (h10 * slopes[i] + h11 * slopes[i + 1]) / n
 
     def times(self, sde, t_start, t_end, num_steps):
         if num_steps != self.ts.shape[0] - 1:

@@ -265,7 +265,7 @@ class DEIS(AbstractMultistep):
         alpha0 = c.at(i, 0)[0]
         sigma_hat = lambda t: jnp.exp(-0.5 * c.sde.log_snr(t))
         dsigma_hat = lambda t: jax.jvp(sigma_hat, (t,), (jnp.ones_like(t),))[1]
-        nodes = [c.ts[jnp.clip(i - j, 0, None)] for j in range(k)]
+        nodes = [c.time_at(i - j) for j in range(k)]
         integrals = _lagrange_integrals(nodes, c.ts[i], c.ts[i + 1], dsigma_hat)
         return alpha1 / alpha0, _pad(list(alpha1 * integrals), self.order)
 

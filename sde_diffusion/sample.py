@@ -17,7 +17,7 @@ from jaxtyping import Array, ArrayLike, PRNGKeyArray
 
 from ._checks import check_finite
 from .grids import AbstractTimeGrid, UniformTime
-from .parametrization import AbstractPrediction, as_prediction
+from .parametrization import AbstractPrediction, Score, as_prediction
 from .reverse import ProbabilityFlowODE, ReverseSDE
 from .schedule import AbstractScheduleSDE
 from .sde import AbstractSDE
@@ -135,6 +135,13 @@ class ProbabilityFlow(AbstractSamplingMethod):
         evaluations_per_step(self.solver)
 
     def __call__(self, sde, model, key, x_start, t_start, t_end):
+        if isinstance(sde, AbstractScheduleSDE) and not isinstance(model, Score):
+            with jax.ensure_compile_time_eval():
+                if not bool(sde.sigma(t_end) > 0):
+                    raise ValueError(
+                        "the PF-ODE field (α D − x)/σ² is 0/0 at σ = 0: end at t_end > t0, or use an "
+                        "exponential integrator (DPMSolverPP, UniPC, ...) whose last step to σ = 0 is exact"
+                    )
         flow = ProbabilityFlowODE(sde, lambda t, x: model.score(sde, t, x))
         velocity = jax.vmap(flow.velocity, in_axes=(None, 0))
 
@@ -176,9 +183,18 @@ class GridCoordinates(eqx.Module):
         self.lam = jnp.log(self.alpha) - jnp.log(self.sigma)
 
     def at(self, index: Array, offset: int) -> tuple[Array, Array, Array]:
-        """``(α, σ, λ)`` at ``index + offset`` (clipped into the grid)."""
-        j = jnp.clip(index + offset, 0, self.ts.shape[0] - 1)
-        return self.alpha[j], self.sigma[j], self.lam[j]
+        """``(α, σ, λ)`` at ``index + offset``. Before the start (warm-up steps, whose weights are
+        unused) ``λ`` is extrapolated linearly so that every ratio stays finite: no ``0/0`` that
+        reverse-mode differentiation through the sampler would turn into NaN."""
+        j = index + offset
+        k = jnp.clip(j, 0, self.ts.shape[0] - 1)
+        lam = jnp.where(j < 0, self.lam[0] + j * (self.lam[1] - self.lam[0]), self.lam[k])
+        return self.alpha[k], self.sigma[k], lam
+
+    def time_at(self, index: Array) -> Array:
+        """``t_index``, extrapolated linearly before the start (as ``at``)."""
+        k = jnp.clip(index, 0, self.ts.shape[0] - 1)
+        return jnp.where(index < 0, self.ts[0] + index * (self.ts[1] - self.ts[0]), self.ts[k])
 
 
 class AbstractGridSampler(AbstractSamplingMethod):

@@ -49,3 +49,28 @@ def test_noise_level_grids_need_a_schedule():
         sd.UniformLogSNR().times(sde, 1.0, 0.0, 3)
     with pytest.raises(ValueError, match="rho"):
         sd.KarrasSigma(rho=0.0)
+
+
+def test_log_snr_grid_refuses_zero_noise():
+    with pytest.raises(ValueError, match="σ = 0"):
+        sd.UniformLogSNR().times(sd.EDM(t0=0.0), 80.0, 0.0, 4)
+
+
+def test_given_times_interpolant_is_smooth_and_monotone(x64):
+    grid = sd.GivenTimes([80.0, 20.0, 3.0, 0.5, 0.002])
+    time = lambda u: grid.time(sd.EDM(), 80.0, 0.002, u)
+    taus = jnp.linspace(0.0, 1.0, 401)
+    assert jnp.all(jnp.diff(jax.vmap(time)(taus)) < 0)
+    slope = jax.grad(time)
+    for knot in (0.25, 0.5, 0.75):  # dt/dτ continuous across knots
+        np.testing.assert_allclose(slope(knot - 1e-9), slope(knot + 1e-9), rtol=1e-6)
+
+
+def test_clipping_keeps_the_map_derivative(x64):
+    """Round-off clipping at the ends must not zero or halve dt/dτ."""
+    sde = sd.EDM()
+    for grid in (sd.UniformTime(), sd.UniformLogSNR(), sd.KarrasSigma()):
+        for tau in (0.0, 1.0):
+            d_time = jax.grad(lambda u: grid.time(sde, 80.0, 0.002, u))(tau)
+            d_map = jax.grad(lambda u: grid.map(sde, 80.0, 0.002, u))(tau)
+            np.testing.assert_allclose(d_time, d_map, rtol=1e-12)
