@@ -10,5 +10,6 @@ def test_readme_examples_run():
     assert "sd.sample" in code
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)
-    assert namespace["x"].shape == (4000, 2)
+    assert namespace["x"].shape == (1000, 2)
+    assert namespace["result"].validation_error < namespace["result"].validation_error_initial
     assert namespace["info"].nfe > 0
