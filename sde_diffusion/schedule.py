@@ -75,21 +75,30 @@ class AbstractScheduleSDE(AbstractSDE):
         return 2 * self.log_alpha(t) - jnp.log(self.sigma2(t))
 
     def t_from_log_snr(self, log_snr: ArrayLike) -> Array:
-        """Inverse of ``log_snr`` on ``[t0, t1]`` (bisection; presets override in closed form)."""
-        lam = _float(log_snr)
+        """Inverse of ``log_snr`` on ``[t0, t1]`` (presets override in closed form): bisection, with
+        the implicit derivative ``dt/dλ = 1/λ'(t)`` (bisection itself has derivative zero)."""
         lo, hi = self.log_snr(self.t1), self.log_snr(self.t0)
+
+        @jax.custom_jvp
+        def invert(lam):
+            def halve(_, bounds):
+                a, b = bounds
+                mid = 0.5 * (a + b)
+                above = self.log_snr(mid) > lam  # still too little noise: move right
+                return jnp.where(above, mid, a), jnp.where(above, b, mid)
+
+            start = (jnp.full_like(lam, self.t0), jnp.full_like(lam, self.t1))
+            a, b = jax.lax.fori_loop(0, 80, halve, start)
+            return 0.5 * (a + b)
+
+        @invert.defjvp
+        def invert_jvp(primals, tangents):
+            t = invert(primals[0])
+            return t, tangents[0] / jax.grad(self.log_snr)(t)
+
+        lam = _float(log_snr)
         lam = eqx.error_if(lam, (lam < lo) | (lam > hi), "log_snr outside [λ(t1), λ(t0)]")
-
-        def halve(_, bounds):
-            a, b = bounds
-            mid = 0.5 * (a + b)
-            above = self.log_snr(mid) > lam  # still too little noise: move right
-            return jnp.where(above, mid, a), jnp.where(above, b, mid)
-
-        a, b = jax.lax.fori_loop(
-            0, 80, halve, (jnp.full_like(lam, self.t0), jnp.full_like(lam, self.t1))
-        )
-        return 0.5 * (a + b)
+        return invert(lam)
 
     def transition(self, t: ArrayLike) -> tuple[Array, Array]:
         """``(α(t), σ(t)²)``: ``x_t | x0 ~ N(α x0, σ² I)``."""
