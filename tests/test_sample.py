@@ -160,3 +160,23 @@ def test_partial_time_range_matches_marginal(x64):
     )
     draw = lambda k, m: data.marginal_sample(sde, 0.3, k, m)
     assert float(sd.sliced_wasserstein(x, draw(keys[3], n), keys[2])) < noise_floor(draw, keys[2], n)
+
+
+def test_each_configuration_compiles_once_and_vmaps():
+    traces = []
+
+    def score(t, x):
+        traces.append(1)  # runs only while tracing
+        return -x
+
+    sde, model = sd.VP(), sd.Score(score)
+    for method in (sd.DPMSolverPP(5, order=3), sd.ReverseDiffusion(5), sd.PredictorCorrector(5)):
+        sd.sample(sde, model, jax.random.key(0), (8, 2), method=method, t_end=1e-3)
+        traced = len(traces)
+        sd.sample(sde, model, jax.random.key(1), (8, 2), method=method, t_end=1e-3)
+        assert len(traces) == traced, type(method).__name__
+    # a method is a pure function of its inputs: it vmaps over keys
+    x = jnp.zeros((8, 2))
+    method = sd.DDIM(5, eta=1.0)
+    many = jax.vmap(lambda k: method(sde, model, k, x, 1.0, 1e-3)[0])(jax.random.split(jax.random.key(2), 3))
+    assert many.shape == (3, 8, 2) and not np.allclose(many[0], many[1])
