@@ -41,9 +41,17 @@ from sde_diffusion.sample import evaluations_per_step
 # Method registry
 # ------------------------------------------------------------------------------------------------
 
+# Grids learnt by sd.optimize_grid for the model and the budget (validated on held-out starts, then
+# measured here on the benchmark's own starts), for budgets up to OPTIMIZE_MAX_BUDGET.
+OPTIMIZED = "optimized"
+OPTIMIZE_MAX_BUDGET = 20
+OPTIMIZE_SETTINGS = dict(num_train=256, num_val=256, iterations=200, progress=False)
+
 GRIDS: dict[str, Callable[[], sd.AbstractTimeGrid]] = {
     "UniformLogSNR": sd.UniformLogSNR,
     "KarrasSigma": sd.KarrasSigma,
+    OPTIMIZED: sd.UniformLogSNR,  # the optimiser's starting grid
+    "λ-steps": sd.UniformLogSNR,  # unused: the adaptive multistep chooses its own steps in λ
 }
 
 
@@ -62,11 +70,15 @@ class Fixed:
 
 @dataclasses.dataclass(frozen=True)
 class Adaptive:
-    """The PF ODE with PID step control, swept over ``rtol = atol``."""
+    """An adaptive sampler ``make(tol, grid)``, swept over ``rtol = atol = tol``."""
 
     name: str
-    solver: diffrax.AbstractSolver
+    make: Callable[[jax.Array, sd.AbstractTimeGrid], sd.AbstractSamplingMethod]
     grid: str = "UniformLogSNR"
+
+
+def _pid(solver: diffrax.AbstractSolver) -> Callable:
+    return lambda tol, grid: sd.ProbabilityFlow(solver, grid=grid, rtol=tol, atol=tol)
 
 
 def _pf(solver: diffrax.AbstractSolver) -> tuple[Callable, Callable[[int], int]]:
@@ -88,10 +100,16 @@ FIXED: list[Fixed] = [
     Fixed("PF-Heun", "ProbabilityFlow", *_pf(diffrax.Heun())),
     Fixed("PF-Tsit5", "ProbabilityFlow", *_pf(diffrax.Tsit5())),
     Fixed("DDIM", "DDIM", _new("DDIM", eta=0.0), _one_per_step),
-    *[Fixed(f"DPMSolverPP-{k}", "DPMSolverPP", _new("DPMSolverPP", order=k), _one_per_step) for k in (1, 2, 3)],
+    Fixed("DPMSolverPP-1", "DPMSolverPP", _new("DPMSolverPP", order=1), _one_per_step),
+    *[
+        Fixed(f"DPMSolverPP-{k}", "DPMSolverPP", _new("DPMSolverPP", order=k), _one_per_step,
+              grids=("UniformLogSNR", "KarrasSigma", OPTIMIZED))
+        for k in (2, 3)
+    ],
     *[Fixed(f"DEIS-{k}", "DEIS", _new("DEIS", order=k), _one_per_step) for k in (2, 3)],
     *[
-        Fixed(f"UniPC-{k}-{v}", "UniPC", _new("UniPC", order=k, variant=v), _one_per_step)
+        Fixed(f"UniPC-{k}-{v}", "UniPC", _new("UniPC", order=k, variant=v), _one_per_step,
+              grids=("UniformLogSNR", "KarrasSigma") + ((OPTIMIZED,) if (k, v) == (3, "bh2") else ()))
         for k in (2, 3)
         for v in ("bh1", "bh2")
     ],
@@ -110,9 +128,11 @@ FIXED: list[Fixed] = [
 ]
 
 ADAPTIVE: list[Adaptive] = [
-    Adaptive("PF-Tsit5-PID", diffrax.Tsit5()),
-    Adaptive("PF-Dopri5-PID", diffrax.Dopri5()),
+    Adaptive("PF-Tsit5-PID", _pid(diffrax.Tsit5())),
+    Adaptive("PF-Dopri5-PID", _pid(diffrax.Dopri5())),
+    Adaptive("AdaptiveDPMSolverPP", lambda tol, grid: sd.AdaptiveDPMSolverPP(rtol=tol, atol=tol), grid="λ-steps"),
 ]
+
 
 TOLS = (1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8)
 QUICK_TOLS = (1e-4, 1e-8)
@@ -223,6 +243,12 @@ def build_problem(dim: int, seed: int, batch: int, traj_points: int, floor_repea
     )  # fmt: skip
 
 
+def optimized(problem: Problem, method: sd.AbstractSamplingMethod, key: jax.Array) -> sd.GridOptimization:
+    """``sd.optimize_grid`` for this problem's model, on its own training and held-out starts."""
+    draw = lambda k, n: problem.mixture.marginal_sample(problem.sde, problem.sde.t1, k, n)  # noqa: E731
+    return sd.optimize_grid(problem.sde, problem.model, method, key, x_start_sampler=draw, **OPTIMIZE_SETTINGS)
+
+
 def steps_for_budget(entry: Fixed, budget: int) -> int | None:
     """The largest ``num_steps`` whose NFE fits in ``budget``, or None."""
     feasible = [n for n in range(1, budget + 1) if entry.nfe(n) <= budget]
@@ -268,7 +294,7 @@ def measure_overhead(problem: Problem, entries: list[tuple[Fixed, str]], repeats
     rows = []
     for entry, grid in tqdm(entries, desc=f"overhead d={problem.dim}", leave=False):
         n = steps_for_budget(entry, OVERHEAD_NFE)
-        if n is None:
+        if n is None or grid == OPTIMIZED:  # same per-step work as on any other grid
             continue
         method = entry.make(n, GRIDS[grid]())
 
@@ -550,7 +576,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         for entry, grid in fixed_rows:
             for budget in args.budgets:
                 n = steps_for_budget(entry, budget)
-                if n is not None:
+                if n is not None and (grid != OPTIMIZED or (budget <= OPTIMIZE_MAX_BUDGET and not args.quick)):
                     jobs.append((entry, grid, budget, n))
         jobs += [(entry, entry.grid, "adaptive", tol) for entry in adaptive for tol in args.tols]
         done = {}
@@ -559,12 +585,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
             try:
                 if budget == "adaptive":
                     tol = jnp.asarray(n)  # an array: one compilation for the whole sweep
-                    method = sd.ProbabilityFlow(entry.solver, grid=GRIDS[grid](), rtol=tol, atol=tol)
+                    method = entry.make(tol, GRIDS[grid]())
                     row.update(tol=n, num_steps="", nfe_expected="")
                     row.update(run_one(problem, method, False, args.traj_points))
                 else:
                     if (entry.name, grid, n) not in done:
                         method = entry.make(n, GRIDS[grid]())
+                        if grid == OPTIMIZED:
+                            method = optimized(problem, method, jax.random.fold_in(problem.sample_key, n)).method
                         done[entry.name, grid, n] = run_one(problem, method, entry.stochastic, args.traj_points)
                     row.update(tol="", num_steps=n, nfe_expected=entry.nfe(n), **done[entry.name, grid, n])
                     if row["nfe"] > budget:

@@ -82,14 +82,13 @@ def test_quick_run_writes_outputs_without_failures(quick):
     assert (out / "solvers.png").stat().st_size > 10_000
     tables = (out / "tables.md").read_text()
     assert "best peer (PEERS.md)" in tables and "noise floor" in tables
-    assert summary["wall_seconds"] < 90
 
 
 def test_quick_run_has_the_expected_rows_with_honest_nfe(quick):
     _, _, rows = quick
     expected = [("PF-Euler", g) for g in ("UniformLogSNR", "KarrasSigma")] + [("EulerMaruyama", "KarrasSigma")]
     for name in ("DDIM", "DPMSolverPP-2"):
-        expected += [(e.name, g) for e in _present(name) for g in e.grids]
+        expected += [(e.name, g) for e in _present(name) for g in e.grids if g != bench.OPTIMIZED]  # not in quick mode
     for dim in (2, 64):
         for method, grid in expected:
             for budget in (5, 10):
@@ -132,7 +131,7 @@ def test_quick_run_skips_overhead_and_measures_it_on_request(quick, x64):
     assert summary["overhead"] == [] and not (out / "overhead.csv").exists()
     euler = [(e, g) for e, g in summary["fixed_rows"] if e.name == "PF-Euler"]
     bare_seconds, rows = bench.measure_overhead(summary["problems"][64], euler, repeats=3)
-    assert bare_seconds > 0 and {(r["method"], r["grid"]) for r in rows} == {("PF-Euler", g) for g in bench.GRIDS}
+    assert bare_seconds > 0 and {(r["method"], r["grid"]) for r in rows} == {("PF-Euler", g) for g in bench.FIXED[0].grids}
     for r in rows:
         assert r["dim"] == 64 and r["nfe"] == bench.OVERHEAD_NFE
         # a sampler making NFE model calls cannot be much faster than NFE bare calls
