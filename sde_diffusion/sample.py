@@ -46,20 +46,26 @@ class SampleInfo(eqx.Module):
 
 def evaluations_per_step(solver: diffrax.AbstractSolver) -> tuple[int, int]:
     """``(per_step, extra)``: a solve of ``N`` step attempts (rejected included) makes
-    ``extra + per_step · N`` vector-field evaluations.
+    ``extra + per_step · N`` evaluations of the drift (the model).
 
-    Euler: ``(1, 0)``. Explicit Runge–Kutta with ``s`` stages: ``(s, 0)``, or ``(s − 1, 1)`` when
-    first-same-as-last. With ``dt0=None`` (initial-step selection) diffrax 0.7 makes exactly this
-    many too: tests/test_sample.py checks each case against a runtime counter.
+    Euler, Euler–Heun, Milstein: ``(1, 0)``. Explicit Runge–Kutta with ``s`` stages: ``(s, 0)``, or
+    ``(s − 1, 1)`` when first-same-as-last. Stochastic Runge–Kutta: the stages that evaluate the
+    drift. With ``dt0=None`` (initial-step selection) diffrax 0.7 makes exactly this many too:
+    the tests check each case against a runtime counter.
     """
-    if isinstance(solver, diffrax.Euler):
+    if isinstance(solver, (diffrax.Euler, diffrax.EulerHeun, diffrax.ItoMilstein, diffrax.StratonovichMilstein)):
         return 1, 0
     if isinstance(solver, diffrax.AbstractERK):
         stages = solver.tableau.num_stages
         return (stages - 1, 1) if solver.tableau.fsal else (stages, 0)
+    if isinstance(solver, diffrax.AbstractSRK):
+        ignored = solver.tableau.ignore_stage_f
+        stages = len(solver.tableau.b_sol)
+        return (stages if ignored is None else int(stages - sum(bool(i) for i in ignored))), 0
     raise ValueError(
-        f"cannot count evaluations of {type(solver).__name__}: use diffrax.Euler or an explicit "
-        "Runge–Kutta solver (Heun, Midpoint, Ralston, Bosh3, Tsit5, Dopri5, Dopri8)"
+        f"cannot count evaluations of {type(solver).__name__}: use diffrax.Euler, an explicit "
+        "Runge–Kutta solver (Heun, Midpoint, Ralston, Bosh3, Tsit5, Dopri5, Dopri8), Milstein, "
+        "Euler–Heun or a stochastic Runge–Kutta solver (ShARK, SEA, SRA1, ...)"
     )
 
 

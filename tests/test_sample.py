@@ -104,6 +104,11 @@ def counting(score, calls):
     [
         sd.ReverseDiffusion(17),
         sd.ReverseDiffusion(9, solver=diffrax.Heun()),
+        sd.ReverseDiffusion(6, solver=diffrax.ShARK()),
+        sd.ReverseDiffusion(6, solver=diffrax.SRA1()),
+        sd.ReverseDiffusion(6, solver=diffrax.SEA()),
+        sd.ReverseDiffusion(6, solver=diffrax.ItoMilstein()),
+        sd.ReverseDiffusion(6, solver=diffrax.EulerHeun()),
         sd.ProbabilityFlow(diffrax.Euler(), num_steps=13),
         sd.ProbabilityFlow(diffrax.Heun(), num_steps=13),
         sd.ProbabilityFlow(diffrax.Tsit5(), num_steps=5),
