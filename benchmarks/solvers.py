@@ -136,7 +136,9 @@ ADAPTIVE: list[Adaptive] = [
 
 TOLS = (1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8)
 QUICK_TOLS = (1e-4, 1e-8)
-QUICK_METHODS = ("PF-Euler", "EulerMaruyama", "DDIM", "DPMSolverPP-2", "PF-Tsit5-PID")
+QUICK_METHODS = (  # "--methods" patterns: substrings of "name grid"
+    "PF-Euler UniformLogSNR", "EulerMaruyama", "DDIM KarrasSigma", "DPMSolverPP-2 UniformLogSNR", "PF-Tsit5-PID",
+)  # fmt: skip
 REFERENCE = dict(solver=diffrax.Dopri8(), rtol=1e-10, atol=1e-10)  # grid: UniformLogSNR
 OVERHEAD_NFE = 20
 OVERHEAD_DIM = 64
@@ -268,12 +270,18 @@ def run_one(problem: Problem, method: sd.AbstractSamplingMethod, stochastic: boo
     return dict(nfe=info.nfe, traj=traj, traj_worst=traj_worst, sw2=problem.sw2(x) / problem.data_std, seconds=seconds)
 
 
-def _median_time(fn: Callable[[], object], repeats: int) -> float:
+def _median_time(fn: Callable[[], object], repeats: int, min_seconds: float = 0.05) -> float:
+    """Median over ``repeats`` timed samples of one (already compiled) call; a fast call is
+    repeated within each sample so that a sample lasts ≥ ``min_seconds`` (timer and scheduler noise)."""
+    t = time.perf_counter()
+    jax.block_until_ready(fn())
+    calls = max(1, math.ceil(min_seconds / max(time.perf_counter() - t, 1e-9)))
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t)
+        for _ in range(calls):
+            jax.block_until_ready(fn())
+        times.append((time.perf_counter() - t) / calls)
     return statistics.median(times)
 
 

@@ -85,10 +85,11 @@ def test_quick_run_writes_outputs_without_failures(quick):
 
 
 def test_quick_run_has_the_expected_rows_with_honest_nfe(quick):
-    _, _, rows = quick
-    expected = [("PF-Euler", g) for g in ("UniformLogSNR", "KarrasSigma")] + [("EulerMaruyama", "KarrasSigma")]
-    for name in ("DDIM", "DPMSolverPP-2"):
-        expected += [(e.name, g) for e in _present(name) for g in e.grids if g != bench.OPTIMIZED]  # not in quick mode
+    _, summary, rows = quick
+    expected = {(e.name, g) for e, g in summary["fixed_rows"] if g != bench.OPTIMIZED}  # optimised: not in quick mode
+    assert expected >= {("PF-Euler", "UniformLogSNR"), ("EulerMaruyama", "KarrasSigma")}
+    assert expected >= ({("DDIM", "KarrasSigma")} if _present("DDIM") else set())
+    assert expected >= ({("DPMSolverPP-2", "UniformLogSNR")} if _present("DPMSolverPP-2") else set())
     for dim in (2, 64):
         for method, grid in expected:
             for budget in (5, 10):
@@ -120,8 +121,7 @@ def test_quick_run_errors_behave(quick):
         # Euler–Maruyama with 5 steps is far from the target
         assert float(_find(rows, "EulerMaruyama", "KarrasSigma", dim, 5)["sw2"]) > 3 * floor_mean
         # first-order deterministic methods: more NFE, smaller trajectory error
-        first_order = [("PF-Euler", "UniformLogSNR")]
-        first_order += [(e.name, g) for e in _present("DDIM") for g in e.grids]
+        first_order = [("PF-Euler", "UniformLogSNR")] + [("DDIM", "KarrasSigma")] * bool(_present("DDIM"))
         for method, grid in first_order:
             assert _traj(rows, method, grid, dim, 10) < _traj(rows, method, grid, dim, 5), (method, grid, dim)
 
@@ -130,8 +130,8 @@ def test_quick_run_skips_overhead_and_measures_it_on_request(quick, x64):
     out, summary, _ = quick
     assert summary["overhead"] == [] and not (out / "overhead.csv").exists()
     euler = [(e, g) for e, g in summary["fixed_rows"] if e.name == "PF-Euler"]
-    bare_seconds, rows = bench.measure_overhead(summary["problems"][64], euler, repeats=3)
-    assert bare_seconds > 0 and {(r["method"], r["grid"]) for r in rows} == {("PF-Euler", g) for g in bench.FIXED[0].grids}
+    bare_seconds, rows = bench.measure_overhead(summary["problems"][64], euler, repeats=5)
+    assert bare_seconds > 0 and [(r["method"], r["grid"]) for r in rows] == [("PF-Euler", "UniformLogSNR")]
     for r in rows:
         assert r["dim"] == 64 and r["nfe"] == bench.OVERHEAD_NFE
         # a sampler making NFE model calls cannot be much faster than NFE bare calls

@@ -146,7 +146,12 @@ def test_invalid_configurations():
         sd.sample(sd.SDE(lambda t, x: -x, lambda t, x: 1.0, prior=sd.Normal(0.0, 1.0)), lambda t, x: -x, jax.random.key(0), (2, 1), method=sd.DDIM(3))
 
 
-@pytest.mark.parametrize("method", [sd.DPMSolverPP(4, order=3), sd.UniPC(4, order=3), sd.DEIS(4, order=3)], ids=lambda m: type(m).__name__)
+@pytest.mark.parametrize(
+    "method",
+    [sd.DPMSolverPP(4, order=3), pytest.param(sd.UniPC(4, order=3), marks=pytest.mark.slow),
+     pytest.param(sd.DEIS(4, order=3), marks=pytest.mark.slow)],
+    ids=lambda m: type(m).__name__,
+)
 def test_differentiable_in_the_grid(x64, method):
     """Reverse mode through warm-up steps is finite and equals forward mode (no 0/0 in unused orders)."""
     sde = sd.EDM()
