@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from .grids import AbstractTimeGrid, GivenTimes, UniformLogSNR
 from .parametrization import AbstractPrediction, as_prediction
-from .sample import AbstractGridSampler, AbstractSamplingMethod, ProbabilityFlow, sample
+from .sample import AbstractGridSampler, AbstractSamplingMethod, ProbabilityFlow, sample, time_span
 from .schedule import AbstractScheduleSDE
 
 
@@ -126,13 +126,7 @@ def optimize_grid(
     if not isinstance(sde, AbstractScheduleSDE):
         raise TypeError(f"optimize_grid needs a ScheduleSDE (a noise level σ/α), got {type(sde).__name__}")
     _check_method(method)
-    t_start = sde.t1 if t_start is None else float(t_start)
-    t_end = sde.t0 if t_end is None else float(t_end)
-    if not sde.t0 <= t_end < t_start <= sde.t1:
-        raise ValueError(
-            f"need t0 ≤ t_end < t_start ≤ t1 with [t0, t1] = [{sde.t0}, {sde.t1}], "
-            f"got t_start={t_start}, t_end={t_end}"
-        )
+    t_start, t_end = time_span(sde, t_start, t_end)
     if not float(sde.sigma(t_end)) > 0:
         raise ValueError(
             f"σ(t_end) = 0 at t_end={t_end}: the final jump to clean data has no usable derivative; "

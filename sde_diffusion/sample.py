@@ -244,6 +244,18 @@ def _run(method, sde, model, key, x_start, t_start, t_end):
     return method(sde, model, key, x_start, t_start, t_end)
 
 
+def time_span(sde: AbstractSDE, t_start: float | None, t_end: float | None) -> tuple[float, float]:
+    """``(t_start, t_end)`` defaulting to ``(t1, t0)``, checked: ``t0 ≤ t_end < t_start ≤ t1``."""
+    t_start = sde.t1 if t_start is None else float(t_start)
+    t_end = sde.t0 if t_end is None else float(t_end)
+    if not sde.t0 <= t_end < t_start <= sde.t1:
+        raise ValueError(
+            f"need t0 ≤ t_end < t_start ≤ t1 with [t0, t1] = [{sde.t0}, {sde.t1}], "
+            f"got t_start={t_start}, t_end={t_end}"
+        )
+    return t_start, t_end
+
+
 def sample(
     sde: AbstractSDE,
     model: AbstractPrediction | Callable[[Array, Array], Array],
@@ -261,13 +273,7 @@ def sample(
     plain score function ``(t, x) -> ∇ log p_t(x)`` of one example. ``shape = (n, *event_shape)``
     when ``x_start`` is not given. ``t_end`` defaults to ``t0``. Returns ``(samples, SampleInfo)``.
     """
-    t_start = sde.t1 if t_start is None else float(t_start)
-    t_end = sde.t0 if t_end is None else float(t_end)
-    if not sde.t0 <= t_end < t_start <= sde.t1:
-        raise ValueError(
-            f"need t0 ≤ t_end < t_start ≤ t1 with [t0, t1] = [{sde.t0}, {sde.t1}], "
-            f"got t_start={t_start}, t_end={t_end}"
-        )
+    t_start, t_end = time_span(sde, t_start, t_end)
     key_start, key_run = jax.random.split(key)
     if x_start is None:
         if shape is None:
