@@ -61,7 +61,8 @@ class AdaptiveDPMSolverPP(AbstractSamplingMethod):
             x_low = update(jnp.maximum(k - 1, 1), lam, lam_next, x, history, lams)
             scale = self.atol + self.rtol * jnp.maximum(jnp.abs(x), jnp.abs(x_high))
             error = jnp.sqrt(jnp.mean(((x_high - x_low) / scale) ** 2))
-            accept = (error <= 1) | (k == 1)
+            finite = jnp.isfinite(error)  # a step far too long can overflow: reject and shrink
+            accept = ((error <= 1) & finite) | (k == 1)
 
             def advance(_):
                 d_next = jax.lax.cond(
@@ -79,6 +80,7 @@ class AdaptiveDPMSolverPP(AbstractSamplingMethod):
                 accept, advance, lambda _: (lam, x, history, lams, filled), None
             )
             factor = jnp.where(k == 1, 1.0, self.safety * jnp.maximum(error, 1e-10) ** (-1.0 / k))
+            factor = jnp.where(finite, factor, 0.2)
             h = h * jnp.clip(factor, 0.2, 5.0)
             return lam, x, history, lams, filled, h, accepted + accept, rejected + (1 - accept)
 

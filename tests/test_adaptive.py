@@ -40,3 +40,14 @@ def test_bad_configurations():
     with pytest.raises(RuntimeError, match="max_steps"):
         sd.sample(sd.EDM(), sd.Denoiser(partial(data.denoiser, sd.EDM())), jax.random.key(0), (4, 2),
                   method=sd.AdaptiveDPMSolverPP(rtol=1e-9, atol=1e-9, max_steps=5))
+
+
+def test_loose_tolerance_still_reaches_the_end(x64):
+    """Long steps can overflow the error estimate: they are rejected and shortened, not looped on."""
+    sde = sd.EDM()
+    data = sd.GaussianMixture.random(jax.random.key(0), dim=8)
+    model = sd.Denoiser(partial(data.denoiser, sde))
+    x1 = data.marginal_sample(sde, sde.t1, jax.random.key(1), 256)
+    for tol in (1e-2, 3e-2):
+        x, info = sd.sample(sde, model, jax.random.key(2), x_start=x1, method=sd.AdaptiveDPMSolverPP(rtol=tol, atol=tol))
+        assert np.all(np.isfinite(np.asarray(x))) and info.nfe < 40
