@@ -94,26 +94,37 @@ class AbstractSamplingMethod(eqx.Module):
 
 
 class ReverseDiffusion(AbstractSamplingMethod):
-    """The reverse SDE on ``num_steps`` steps of ``grid``, with any diffrax SDE solver (default
-    ``Euler``: Euler–Maruyama), i.i.d. Brownian increments, one path per sample.
+    """The reverse SDE with any diffrax SDE solver (default ``Euler``: Euler–Maruyama), one path per
+    sample: on ``num_steps`` steps of ``grid`` with i.i.d. Brownian increments, or, with
+    ``num_steps=None``, PID step control on ``rtol``/``atol`` (per sample, on a Brownian tree; needs
+    a solver with an error estimate, e.g. ``ShARK`` or ``Heun`` for additive noise). Adaptive
+    samples run in lockstep, so ``nfe`` counts the batch's longest solve.
     """
 
-    num_steps: int = eqx.field(static=True)
+    num_steps: int | None = eqx.field(static=True)
     solver: diffrax.AbstractSolver = diffrax.Euler()
     grid: AbstractTimeGrid = UniformTime()
+    rtol: float = 1e-3
+    atol: float = 1e-3
+    max_steps: int = eqx.field(default=10_000, static=True)
 
     def __check_init__(self):
-        if self.num_steps < 1:
-            raise ValueError("num_steps must be ≥ 1")
+        if self.num_steps is not None and self.num_steps < 1:
+            raise ValueError("num_steps must be ≥ 1 (or None for adaptive steps)")
+        if not (self.rtol > 0 and self.atol > 0):
+            raise ValueError("rtol and atol must be > 0")
         evaluations_per_step(self.solver)
 
     def __call__(self, sde, model, key, x_start, t_start, t_end):
         reverse = ReverseSDE(sde, lambda t, x: model.score(sde, t, x))
-        s_grid = sde.t1 - self.grid.times(sde, t_start, t_end, self.num_steps)
-        ys, stats = solve_paths(
-            reverse, x_start, key, s_grid[jnp.array([0, -1])], self.solver, s_grid, 0.0, self.num_steps + 1,
-            noise_dtype=jnp.float32 if x_start.dtype == jnp.float64 else None,
-        )
+        noise_dtype = jnp.float32 if x_start.dtype == jnp.float64 else None
+        span = jnp.asarray([sde.t1 - t_start, sde.t1 - t_end], x_start.dtype)
+        if self.num_steps is None:
+            steps, max_steps = diffrax.PIDController(rtol=self.rtol, atol=self.atol), self.max_steps
+        else:
+            steps, max_steps = sde.t1 - self.grid.times(sde, t_start, t_end, self.num_steps), self.num_steps + 1
+        dt0 = (t_start - t_end) / 100
+        ys, stats = solve_paths(reverse, x_start, key, span, self.solver, steps, dt0, max_steps, noise_dtype)
         return ys[-1], _info(stats, self.solver)
 
 

@@ -51,7 +51,7 @@ def solve_paths(
     ``steps`` is a fixed grid (containing ``ts``), integrated with i.i.d. Brownian increments
     (``UnsafeBrownianPath``), or an adaptive controller started at ``dt0``, which needs a
     ``VirtualBrownianTree`` (repeated queries must agree). Returns states ``(len(ts), n, ...)``
-    and diffrax's step statistics of one row. ``noise_dtype`` (default: the state's) is the
+    and diffrax's step statistics of the longest row. ``noise_dtype`` (default: the state's) is the
     dtype of the Brownian increments (samplers draw them in float32, see ``sampling_noise``).
     """
     x0 = check_finite(x0, "x0")
@@ -93,7 +93,8 @@ def solve_paths(
         return sol.ys, sol.stats
 
     ys, stats = jax.vmap(one_path)(x0, jax.random.split(key, x0.shape[0]))
-    return jnp.swapaxes(ys, 0, 1), jax.tree.map(lambda s: s[0], stats)
+    # vmapped solves run in lockstep until the longest finishes: report that one
+    return jnp.swapaxes(ys, 0, 1), jax.tree.map(jnp.max, stats)
 
 
 def simulate(

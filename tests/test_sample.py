@@ -185,3 +185,21 @@ def test_each_configuration_compiles_once_and_vmaps():
     method = sd.DDIM(5, eta=1.0)
     many = jax.vmap(lambda k: method(sde, model, k, x, 1.0, 1e-3)[0])(jax.random.split(jax.random.key(2), 3))
     assert many.shape == (3, 8, 2) and not np.allclose(many[0], many[1])
+
+
+def test_adaptive_reverse_sde_counts_the_longest_solve_and_recovers_data(x64):
+    """Per-sample PID steps on a Brownian tree (ShARK, additive noise): samples run in lockstep, so
+    the batch's model calls are those of its longest solve; the law is the data's."""
+    sde = sd.VP()
+    data = sd.GaussianMixture.ring(jax.random.key(0))
+    calls = []
+    n = 4000
+    keys = jax.random.split(jax.random.key(8), 4)
+    start = data.marginal_sample(sde, sde.t1, keys[0], n)
+    method = sd.ReverseDiffusion(None, solver=diffrax.ShARK(), rtol=1e-1, atol=1e-1)
+    x, info = sd.sample(sde, counting(partial(data.marginal_score, sde), calls), keys[1], x_start=start, method=method)
+    jax.effects_barrier()
+    assert info.nfe == len(calls) and info.num_rejected_steps > 0
+    assert float(sd.sliced_wasserstein(x, data.sample(keys[3], n), keys[2])) < noise_floor(data.sample, keys[2], n)
+    with pytest.raises(ValueError, match="num_steps"):
+        sd.ReverseDiffusion(0)
