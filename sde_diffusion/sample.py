@@ -93,6 +93,15 @@ class AbstractSamplingMethod(eqx.Module):
         ...
 
 
+def _check_diffrax_settings(num_steps: int | None, rtol: float, atol: float, solver) -> None:
+    """Shared by the diffrax-based samplers: a step count or PID tolerances, a countable solver."""
+    if num_steps is not None and num_steps < 1:
+        raise ValueError("num_steps must be ≥ 1 (or None for adaptive steps)")
+    if not (rtol > 0 and atol > 0):
+        raise ValueError("rtol and atol must be > 0")
+    evaluations_per_step(solver)
+
+
 class ReverseDiffusion(AbstractSamplingMethod):
     """The reverse SDE with any diffrax SDE solver (default ``Euler``: Euler–Maruyama), one path per
     sample: on ``num_steps`` steps of ``grid`` with i.i.d. Brownian increments, or, with
@@ -109,11 +118,7 @@ class ReverseDiffusion(AbstractSamplingMethod):
     max_steps: int = eqx.field(default=10_000, static=True)
 
     def __check_init__(self):
-        if self.num_steps is not None and self.num_steps < 1:
-            raise ValueError("num_steps must be ≥ 1 (or None for adaptive steps)")
-        if not (self.rtol > 0 and self.atol > 0):
-            raise ValueError("rtol and atol must be > 0")
-        evaluations_per_step(self.solver)
+        _check_diffrax_settings(self.num_steps, self.rtol, self.atol, self.solver)
 
     def __call__(self, sde, model, key, x_start, t_start, t_end):
         reverse = ReverseSDE(sde, lambda t, x: model.score(sde, t, x))
@@ -145,11 +150,7 @@ class ProbabilityFlow(AbstractSamplingMethod):
     max_steps: int = eqx.field(default=10_000, static=True)
 
     def __check_init__(self):
-        if self.num_steps is not None and self.num_steps < 1:
-            raise ValueError("num_steps must be ≥ 1 (or None for adaptive steps)")
-        if not (self.rtol > 0 and self.atol > 0):
-            raise ValueError("rtol and atol must be > 0")
-        evaluations_per_step(self.solver)
+        _check_diffrax_settings(self.num_steps, self.rtol, self.atol, self.solver)
 
     def __call__(self, sde, model, key, x_start, t_start, t_end):
         if isinstance(sde, AbstractScheduleSDE) and not isinstance(model, Score):
