@@ -25,7 +25,7 @@ from .reverse import ProbabilityFlowODE, ReverseSDE
 from .sample import AbstractSamplingMethod, ProbabilityFlow, ReverseDiffusion, SampleInfo, sample
 from .simulate import simulate
 from .grids import AbstractTimeGrid, GivenTimes, KarrasSigma, QuadraticTime, UniformLogSNR, UniformTime
-from .parametrization import AbstractPrediction, Denoiser, Noise, Score, Velocity
+from .parametrization import AbstractPrediction, Denoiser, EDMPreconditioned, Network, Noise, Score, Velocity, noise_level
 from .multistep import DDIM, DEIS, AbstractMultistep, DPMSolverPP, DPMSolverPP2MSDE, UniPC
 from .singlestep import DPMSolverPP2S, EDMHeun
 from .predictor_corrector import PredictorCorrector

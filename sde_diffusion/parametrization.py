@@ -6,7 +6,8 @@ For ``x_t = α x0 + σ ε`` (a ``ScheduleSDE``) every prediction determines the 
     v = dx_t/dt = α' x0 + σ' ε  (the flow-matching velocity; v = ε − x0 for rectified flow).
 
 Samplers consume these types, never raw functions; a plain callable passed to ``sample`` is read
-as a ``Score``. ``fn`` takes one example ``(t, x)``.
+as a ``Score``. ``fn`` takes one example ``(t, x)``; ``Network`` makes such a function of a flax
+NNX network, e.g. ``sd.Noise(sd.Network(net, sde))`` or ``sd.EDMPreconditioned(sd.Network(net, sde))``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Callable
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from flax import nnx
 from jaxtyping import Array, ArrayLike
 
 from .schedule import AbstractScheduleSDE
@@ -29,6 +31,47 @@ def _schedule(sde: AbstractSDE, what: str) -> AbstractScheduleSDE:
             f"{what} needs a ScheduleSDE (x_t = α x0 + σ ε); for {type(sde).__name__} use a Score model"
         )
     return sde
+
+
+def noise_level(sde: AbstractSDE, t: ArrayLike) -> Array:
+    """The network's time input ``c_noise``: ``¼ log(σ/α) = −λ/8`` (EDM's ``¼ ln σ``, of order one
+    on every schedule; ``σ/α`` floored at 1e-8 where ``σ(t0) = 0``) for a ``ScheduleSDE``, and
+    ``(t − t0)/(t1 − t0)`` for any other SDE."""
+    t = jnp.asarray(t, dtype=jnp.result_type(float))
+    if isinstance(sde, AbstractScheduleSDE):
+        return jnp.log(jnp.maximum(sde.sigma(t) / sde.alpha(t), 1e-8)) / 4
+    return (t - sde.t0) / (sde.t1 - sde.t0)
+
+
+class Network(eqx.Module):
+    """A flax NNX network ``net(x, c_noise) -> y`` on batches, as a function ``fn(t, x)`` of one
+    example: ``net(x[None], c[None])[0]`` with ``c = noise_level(sde, t)``, cast to ``x.dtype``.
+
+    Holds the split NNX state (``graphdef`` static, ``state`` a pytree), so a model containing it
+    is an ordinary equinox pytree: jit, grad, EMA and checkpoints act on ``state``.
+    """
+
+    graphdef: nnx.GraphDef = eqx.field(static=True)
+    state: nnx.State
+    sde: AbstractSDE
+
+    def __init__(self, net: nnx.Module, sde: AbstractSDE):
+        if not isinstance(net, nnx.Module):
+            raise TypeError(f"Network wraps a flax nnx.Module, got {type(net).__name__}")
+        if not isinstance(sde, AbstractSDE):
+            raise TypeError(f"sde must be an sde_diffusion SDE, got {type(sde).__name__}")
+        self.graphdef, self.state = nnx.split(net)
+        self.sde = sde
+
+    @property
+    def module(self) -> nnx.Module:
+        """The network as an NNX module (a fresh merge of ``graphdef`` and ``state``)."""
+        return nnx.merge(self.graphdef, self.state)
+
+    def __call__(self, t: ArrayLike, x: Array) -> Array:
+        x = jnp.asarray(x)
+        c = noise_level(self.sde, t)
+        return self.module(x[None], c[None])[0].astype(x.dtype)
 
 
 class AbstractPrediction(eqx.Module):
@@ -58,14 +101,17 @@ class Score(AbstractPrediction):
         return (x + sde.sigma2(t) * self.fn(t, x)) / sde.alpha(t)
 
 
+def _score_of_denoiser(sde: AbstractScheduleSDE, t: ArrayLike, x: Array, denoised: Array) -> Array:
+    return (sde.alpha(t) * denoised - x) / sde.sigma2(t)
+
+
 class Denoiser(AbstractPrediction):
     """``fn`` predicts ``D = E[x0 | x_t]`` (x0-prediction)."""
 
     fn: Callable[[Array, Array], Array]
 
     def score(self, sde, t, x):
-        sde = _schedule(sde, "a denoiser")
-        return (sde.alpha(t) * self.fn(t, x) - x) / sde.sigma2(t)
+        return _score_of_denoiser(_schedule(sde, "a denoiser"), t, x, self.fn(t, x))
 
     def denoiser(self, sde, t, x):
         return self.fn(t, x)
@@ -93,8 +139,7 @@ class Velocity(AbstractPrediction):
     fn: Callable[[Array, Array], Array]
 
     def score(self, sde, t, x):
-        sde = _schedule(sde, "a velocity")
-        return (sde.alpha(t) * self.denoiser(sde, t, x) - x) / sde.sigma2(t)
+        return _score_of_denoiser(_schedule(sde, "a velocity"), t, x, self.denoiser(sde, t, x))
 
     def denoiser(self, sde, t, x):
         sde = _schedule(sde, "a velocity")
@@ -102,6 +147,36 @@ class Velocity(AbstractPrediction):
         alpha, dalpha = jax.jvp(sde.alpha, (t,), (jnp.ones_like(t),))
         sigma, dsigma = jax.jvp(sde.sigma, (t,), (jnp.ones_like(t),))
         return (dsigma * x - sigma * self.fn(t, x)) / (alpha * dsigma - sigma * dalpha)
+
+
+class EDMPreconditioned(AbstractPrediction):
+    """EDM preconditioning (Karras et al. 2022), on ``x̂ = x/α`` with ``σ̃ = σ/α`` for any schedule:
+
+        D = c_skip x̂ + c_out fn(t, c_in x̂),   c_skip = σd²/(σ̃² + σd²),
+        c_out = σ̃ σd / √(σ̃² + σd²),   c_in = 1/√(σ̃² + σd²),
+
+    and ``fn``'s time input is ``c_noise = ¼ ln σ̃`` when ``fn`` is a ``Network``. ``sigma_data``
+    is the data standard deviation ``σd``.
+    """
+
+    fn: Callable[[Array, Array], Array]
+    sigma_data: float = 0.5
+
+    def __check_init__(self):
+        if not self.sigma_data > 0:
+            raise ValueError(f"sigma_data must be > 0, got {self.sigma_data}")
+
+    def score(self, sde, t, x):
+        return _score_of_denoiser(_schedule(sde, "EDM preconditioning"), t, x, self.denoiser(sde, t, x))
+
+    def denoiser(self, sde, t, x):
+        sde = _schedule(sde, "EDM preconditioning")
+        alpha = sde.alpha(t)
+        x_hat, sigma = x / alpha, sde.sigma(t) / alpha
+        norm2 = sigma**2 + self.sigma_data**2
+        c_skip = self.sigma_data**2 / norm2
+        c_out = sigma * self.sigma_data * jax.lax.rsqrt(norm2)
+        return c_skip * x_hat + c_out * self.fn(t, x_hat * jax.lax.rsqrt(norm2))
 
 
 def as_prediction(model: AbstractPrediction | Callable[[Array, Array], Array]) -> AbstractPrediction:

@@ -5,6 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from flax import nnx
+
 import sde_diffusion as sd
 
 
@@ -41,3 +43,52 @@ def test_generic_sde_needs_a_score():
         sd.Denoiser(lambda t, x: x).score(sde, 0.5, jnp.ones(2))
     with pytest.raises(TypeError, match="prediction"):
         sd.sample(sde, 3.0, jax.random.key(0), (2, 1), method=sd.ReverseDiffusion(2))
+
+
+@pytest.mark.parametrize("sde", [sd.VP(), sd.EDM(), sd.CosineVP()], ids=lambda s: type(s).__name__)
+def test_edm_preconditioning_with_zero_network_is_the_exact_gaussian_denoiser(x64, sde):
+    # data N(0, σd² I): E[x0 | x_t] = σd²/(σ̃² + σd²) · x/α = c_skip x̂, so F = 0 is exact
+    sigma_data, t, x = 0.7, 0.4 * sde.t1 + 0.6 * sde.t0, jnp.array([0.4, -0.9, 2.0])
+    data = sd.GaussianMixture(jnp.ones(1), jnp.zeros((1, 3)), jnp.full((1, 3), sigma_data**2))
+    model = sd.EDMPreconditioned(lambda t_, x_: jnp.zeros_like(x_), sigma_data=sigma_data)
+    np.testing.assert_allclose(model.denoiser(sde, t, x), data.denoiser(sde, t, x), rtol=1e-10)
+    np.testing.assert_allclose(model.score(sde, t, x), data.marginal_score(sde, t, x), rtol=1e-10)
+    with pytest.raises(ValueError, match="sigma_data"):
+        sd.EDMPreconditioned(lambda t_, x_: x_, sigma_data=0.0)
+
+
+def test_edm_preconditioning_feeds_the_network_unit_variance_inputs(x64):
+    sde, sigma_data = sd.EDM(), 0.5
+    seen = []
+    model = sd.EDMPreconditioned(lambda t_, x_: seen.append(x_) or x_, sigma_data=sigma_data)
+    t, x = 3.0, jnp.array([1.0, 2.0])
+    model.denoiser(sde, t, x)
+    np.testing.assert_allclose(seen[0], x / np.sqrt(t**2 + sigma_data**2), rtol=1e-12)
+
+
+class _Affine(nnx.Module):
+    """y = W x + c_noise · b, on batches."""
+
+    def __init__(self, dim, rngs):
+        self.linear = nnx.Linear(dim, dim, rngs=rngs)
+        self.b = nnx.Param(jnp.arange(dim, dtype=jnp.float32))
+
+    def __call__(self, x, c):
+        return self.linear(x) + c[:, None] * self.b
+
+
+def test_network_applies_the_nnx_module_to_one_example_with_its_noise_level():
+    sde = sd.EDM()
+    net = _Affine(3, nnx.Rngs(0))
+    fn = sd.Network(net, sde)
+    x, t = jnp.array([0.5, -1.0, 2.0]), 2.0
+    np.testing.assert_allclose(sd.noise_level(sde, t), np.log(t) / 4, rtol=1e-6)
+    expected = net(x[None], jnp.array([np.log(t) / 4]))[0]
+    np.testing.assert_allclose(fn(t, x), expected, rtol=1e-6)
+    batched = jax.jit(jax.vmap(sd.Noise(fn).denoiser, in_axes=(None, None, 0)))(sde, t, jnp.stack([x, 2 * x]))
+    np.testing.assert_allclose(batched[0], x - t * expected, rtol=1e-5)
+    generic = sd.SDE(lambda t_, x_: -x_, lambda t_, x_: 1.0, t0=0.0, t1=2.0, prior=sd.Normal(0.0, 1.0))
+    np.testing.assert_allclose(sd.noise_level(generic, 0.5), 0.25)
+    assert np.isfinite(sd.noise_level(sd.VP(), 0.0))
+    with pytest.raises(TypeError, match="nnx.Module"):
+        sd.Network(lambda x, c: x, sde)
