@@ -47,7 +47,8 @@ def _count(value: Any, name: str, minimum: int) -> int:
 
 def moons(n: int, seed: int = 0, noise: float = 0.05) -> np.ndarray:
     """Two interleaved half circles (``sklearn.datasets.make_moons``, Gaussian ``noise``), centred
-    and scaled by ``1/0.707`` so the mean square per coordinate is ≈ 1 (support ≈ [−2.4, 2.4] × [−1.4, 1.4])."""
+    and divided by 0.707 so that ``E‖x‖² ≈ 2`` (per-axis mean squares ≈ 1.5 and 0.5; support
+    ≈ [−2.4, 2.4] × [−1.4, 1.4])."""
     x, _ = _sk.make_moons(_count(n, "n", 1), noise=noise, random_state=_count(seed, "seed", 0))
     return ((x - np.array([0.5, 0.25])) / 0.707).astype(np.float32)
 
@@ -55,7 +56,7 @@ def moons(n: int, seed: int = 0, noise: float = 0.05) -> np.ndarray:
 def swiss_roll(n: int, seed: int = 0, noise: float = 0.5) -> np.ndarray:
     """The ``(x, z)`` projection of ``sklearn.datasets.make_swiss_roll`` (the spiral
     ``t (cos t, sin t)``, ``t ~ U[1.5π, 4.5π]``, Gaussian ``noise`` in those units), centred at its
-    mean ``(2, 2/(3π))`` and divided by 6.8, its root mean square radius (support ≈ [−2, 2.3]²)."""
+    mean ``(2, 2/(3π))`` and divided by 6.8 so that ``E‖x‖² ≈ 2`` (support ≈ [−2, 2.3]²)."""
     x, _ = _sk.make_swiss_roll(_count(n, "n", 1), noise=noise, random_state=_count(seed, "seed", 0))
     return ((x[:, [0, 2]] - np.array([2.0, 2 / (3 * np.pi)])) / 6.8).astype(np.float32)
 
@@ -93,7 +94,7 @@ def gaussian_mixture_oracle(n_components: int = 8, radius: float = 1.0) -> Gauss
 
 def gaussian_mixture(n: int, seed: int = 0, n_components: int = 8, radius: float = 1.0) -> np.ndarray:
     """Exact samples of ``gaussian_mixture_oracle(n_components, radius)`` drawn with
-    ``jax.random.key(seed)`` (mean 0, per-coordinate variance ≈ radius²/2 + 0.01)."""
+    ``jax.random.key(seed)`` (for ≥ 2 components: mean 0, per-coordinate variance ≈ radius²/2 + 0.01)."""
     oracle = gaussian_mixture_oracle(n_components, radius)
     return np.asarray(oracle.sample(jax.random.key(_count(seed, "seed", 0)), _count(n, "n", 1)), dtype=np.float32)
 

@@ -60,8 +60,8 @@ class DigitsClassifier(nnx.Module):
 
     def features(self, x: ArrayLike) -> Array:
         """Penultimate-layer activations ``(n, features)`` of images ``(n, 8, 8[, 1])`` or ``(n, 64)``."""
-        x = jnp.reshape(jnp.asarray(x, dtype=jnp.float32), (-1, 64))
-        return jax.nn.gelu(self.penultimate(jax.nn.gelu(self.hidden(x))))
+        x = jnp.asarray(x, dtype=jnp.float32)
+        return jax.nn.gelu(self.penultimate(jax.nn.gelu(self.hidden(x.reshape(x.shape[0], 64)))))
 
     def __call__(self, x: ArrayLike) -> Array:
         """Class logits ``(n, 10)``."""
