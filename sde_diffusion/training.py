@@ -242,8 +242,6 @@ class _Checkpoints:
         return self.manager.latest_step()
 
     def save(self, step: int, state: _State, meta: dict[str, Any]) -> None:
-        if self.manager.latest_step() == step:
-            return
         meta = dict(meta, step=step, signature={k: _signature(v) for k, v in state._asdict().items()})
         items = {k: ocp.args.StandardSave(jax.tree.leaves(v)) for k, v in state._asdict().items()}
         self.manager.save(step, args=ocp.args.Composite(meta=ocp.args.JsonSave(meta), **items))

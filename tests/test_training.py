@@ -1,3 +1,4 @@
+import csv
 import json
 import os
 import signal
@@ -11,7 +12,6 @@ import jax.numpy as jnp
 import matplotlib.image
 import numpy as np
 import pytest
-from flax import nnx
 
 import sde_diffusion as sd
 from _training_worker import CONFIG, dsm, gmm_data, make_model, params_of
@@ -116,6 +116,18 @@ def test_metrics_log_and_sample_pictures(run):
     assert pictures == ["samples_0000020.png", "samples_0000040.png"]
     image = matplotlib.image.imread(out / "samples" / pictures[0])
     assert image.ndim == 3 and image.shape[0] > 100 and image.std() > 0
+
+
+def test_csv_metrics_log_appends_under_one_header(tmp_path):
+    from sde_diffusion.training import _MetricsLog
+
+    records = [dict(step=s, loss=0.5, grad_norm=None, learning_rate=1e-3, steps_per_s=9.0, skipped=s) for s in (1, 2)]
+    for record in records:  # reopened as by a resumed run
+        log = _MetricsLog(tmp_path / "log.csv")
+        log.write(record)
+        log.close()
+    rows = list(csv.DictReader((tmp_path / "log.csv").open()))
+    assert [r["step"] for r in rows] == ["1", "2"] and rows[0]["grad_norm"] == "" and rows[1]["skipped"] == "2"
 
 
 def test_image_samples_are_drawn_as_a_grid(tmp_path):
