@@ -34,3 +34,4 @@ from .adaptive import AdaptiveDPMSolverPP
 from .data import ArrayDataset, Dataset, IteratorDataset, as_dataset, checkerboard, digits, gaussian_mixture, gaussian_mixture_oracle, moons, rings, swiss_roll, train_test_split
 from .quality import DigitsClassifier, digits_classifier, digits_frechet_distance, digits_split, frechet_distance, train_digits_classifier
 from .training import TrainConfig, TrainResult, restore_model, train
+from .nets import MLP, FourierEmbedding, SinusoidalEmbedding, UNet
