@@ -1,17 +1,51 @@
 import json
+import sys
 
+import jax
 import numpy as np
+import pytest
 
-from sde_diffusion.cli import DemoConfig, demo
+import sde_diffusion as sd
+from sde_diffusion import cli
 
 
-def test_demo_writes_picture_and_metrics(tmp_path):
-    metrics = demo(DemoConfig(out=tmp_path, n=600, sde_steps=200, rtol=1e-3))
+def _run(monkeypatch, *argv):
+    monkeypatch.setattr(sys, "argv", ["sde-diffusion", *argv])
+    cli.main()
+
+
+def test_demo_trains_samples_and_beats_the_prior(tmp_path):
+    metrics = cli.demo(cli.DemoConfig(out=tmp_path, steps=1000, n=1000, sample_steps=20, progress=False))
     assert (tmp_path / "demo.png").stat().st_size > 10_000
-    written = json.loads((tmp_path / "metrics.json").read_text())
-    assert written == metrics
-    # exact score: both samplers land within a few noise floors of fresh data
-    for name in ("reverse_sde", "pf_ode"):
-        assert np.isfinite(metrics[name]["sw2"])
-        assert metrics[name]["sw2"] < 3 * metrics["sw2_data_vs_data"]
-        assert metrics[name]["nfe"] > 0
+    assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
+    assert metrics["train_steps"] == 1000 and metrics["nfe"] == 20
+    # an honest yardstick: the prior's own samples against the same held-out moons
+    held_out = sd.moons(1000, seed=1)
+    prior = sd.VP().prior.sample(jax.random.key(0), (1000, 2))
+    sw2_prior = float(sd.sliced_wasserstein(prior, held_out, jax.random.key(1)))
+    assert metrics["sw2_samples_vs_held_out"] < 0.5 * sw2_prior
+    assert np.isfinite(metrics["sw2_data_vs_held_out"])
+
+
+def test_train_resume_and_sample_from_the_command_line(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    common = ["--out", str(run), "--data", "gaussian_mixture", "--n-data", "2000", "--no-progress"]
+    common += ["--model.width", "32", "--model.depth", "2", "--train.batch-size", "64", "--train.checkpoint-every", "20"]
+    _run(monkeypatch, "train", *common, "--train.steps", "20")
+    _run(monkeypatch, "train", *common, "--train.steps", "30")  # resumes at 20
+    lines = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert lines[-1]["step"] == 30
+    assert json.loads((run / "run.json").read_text())["model"]["width"] == 32
+    out = tmp_path / "x.npz"
+    _run(monkeypatch, "sample", "--run", str(run), "--method", "dpm++2m", "--steps", "5", "--n", "64", "--output", str(out))
+    x = np.load(out)["samples"]
+    assert x.shape == (64, 2) and np.all(np.isfinite(x))
+    png = tmp_path / "x.png"
+    _run(monkeypatch, "sample", "--run", str(run), "--method", "ddim", "--steps", "4", "--n", "64", "--output", str(png))
+    assert png.stat().st_size > 5_000
+    with pytest.raises(ValueError, match="another model"):
+        _run(monkeypatch, "train", *common, "--train.steps", "40", "--model.width", "16")
+    with pytest.raises(FileNotFoundError, match="run.json"):
+        cli.sample_command(cli.SampleCommand(run=tmp_path / "missing"))
+    with pytest.raises(ValueError, match=".png or .npz"):
+        cli.sample_command(cli.SampleCommand(run=run, output=tmp_path / "x.txt"))
