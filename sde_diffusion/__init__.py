@@ -35,3 +35,4 @@ from .data import ArrayDataset, Dataset, IteratorDataset, as_dataset, checkerboa
 from .quality import DigitsClassifier, digits_classifier, digits_frechet_distance, digits_split, frechet_distance, train_digits_classifier
 from .training import TrainConfig, TrainResult, restore_model, train
 from .nets import MLP, FourierEmbedding, SinusoidalEmbedding, UNet
+from .losses import AbstractTimeDistribution, AbstractWeighting, DenoisingScoreMatching, EDMWeighting, LikelihoodWeighting, LinearDenoisingScoreMatching, LogNormalNoise, LogSNRTimes, MinSNRWeighting, NoiseWeighting, SlicedScoreMatching, UniformTimes, UnitWeighting
