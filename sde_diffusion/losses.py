@@ -6,7 +6,7 @@ a plain callable ``fn(t, x)`` is read as a ``Score``); ``batch`` is data ``x0`` 
 an expectation over a time distribution (``UniformTimes``, ``LogSNRTimes``, ``LogNormalNoise``),
 whose importance weight ``w`` keeps it equal to its definition, of a weighted squared score error
 
-    λ(t) ‖s_θ(x_t, t) − ∇ log p_t(x_t)‖²     (up to a constant independent of θ).
+    λ(t) ‖s_θ(x_t, t) − ∇ log p_t(x_t)‖²     (up to a constant independent of θ; SSM: half of it).
 
 Denoising score matching replaces ``∇ log p_t`` by the score of the Gaussian kernel
 ``p(x_t | x0)`` (Vincent 2011): ``DenoisingScoreMatching`` for ``x_t = α x0 + σ ε``,
