@@ -12,12 +12,11 @@ from sde_diffusion.nets import FrozenFrequencies, SelfAttention
 
 @cache
 def _nets(dtype=jnp.float32, num_classes=3):
-    """The default MLP on (5, 2) vectors and the default U-Net on (2, 8, 4, 1) images (same weights
-    for every dtype; built once: initialisers compile per shape)."""
+    """Default-size MLP on (5, 2) vectors and U-Net on (2, 8, 4, 1) images with 3 classes (the same
+    weights for every dtype; built once: initialisers compile once per shape)."""
     mlp = sd.nets.MLP(2, num_classes=num_classes, dtype=dtype, rngs=nnx.Rngs(0))
     unet = sd.nets.UNet(num_classes=num_classes, dtype=dtype, rngs=nnx.Rngs(0))
-    key1, key2 = jax.random.split(jax.random.key(1))
-    return [(mlp, jax.random.normal(key1, (5, 2))), (unet, jax.random.normal(key2, (2, 8, 4, 1)))]
+    return [(mlp, _normal(1, (5, 2))), (unet, _normal(2, (2, 8, 4, 1)))]
 
 
 @cache
@@ -26,7 +25,12 @@ def _default_nets():
 
 
 def _c(x):
-    return jnp.linspace(-1.0, 1.5, x.shape[0])
+    return np.linspace(-1.0, 1.5, x.shape[0], dtype=np.float32)
+
+
+def _normal(seed, shape):
+    # numpy inputs: an eager jax op would compile once per shape
+    return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
 
 
 def _apply(net, x, c, label=None):
@@ -34,7 +38,11 @@ def _apply(net, x, c, label=None):
     return _jit_apply(*nnx.split(net), x, c, label)
 
 
-@partial(jax.jit, static_argnums=0)
+# tests run each compiled function a few times: skip XLA's backend optimisation (halves compile time)
+_jit = partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+
+
+@partial(_jit, static_argnums=0)
 def _jit_apply(graph, state, x, c, label):
     return nnx.merge(graph, state)(x, c, label)
 
@@ -83,8 +91,8 @@ def test_fourier_frequencies_are_frozen_state_not_params():
 
 def test_default_sizes():
     mlp, unet = _default_nets()
-    # MLP: input 2·256+256, conditioning 64·256+256, 3 LayerNorms, 2 hidden 256², output 256·2+2
-    assert _count(nnx.state(mlp, nnx.Param)) == 768 + 16640 + 3 * 512 + 2 * 65792 + 514
+    # MLP: input 2·256+256, conditioning 64·256+256, 2 hidden 256²+256, output 256·2+2
+    assert _count(nnx.state(mlp, nnx.Param)) == 768 + 16640 + 2 * 65792 + 514
     assert 100_000 <= _count(nnx.state(unet, nnx.Param)) <= 400_000
 
 
@@ -106,23 +114,23 @@ def test_examples_are_processed_independently():
     # normalisation statistics are per example: a batch gives what its examples give one by one
     # (sd.Network calls the net on batches of one)
     for net, x in _nets():
-        c, label = _c(x), jnp.arange(x.shape[0]) % 4
+        c, label = _c(x), np.arange(x.shape[0]) % 4
         one_by_one = [_apply(net, x[i : i + 1], c[i : i + 1], label[i : i + 1]) for i in range(x.shape[0])]
-        np.testing.assert_allclose(_apply(net, x, c, label), jnp.concatenate(one_by_one), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(_apply(net, x, c, label), np.concatenate(one_by_one), rtol=1e-5, atol=1e-6)
 
 
 def test_time_and_label_change_the_output_and_none_is_the_null_label():
     for net, x in _nets():
-        c, zeros = _c(x), jnp.zeros(x.shape[0], int)
+        c, zeros = _c(x), np.zeros(x.shape[0], int)
         y = _apply(net, x, c)
         np.testing.assert_array_equal(y, _apply(net, x, c, zeros + 3))
         assert not np.allclose(_apply(net, x, c, zeros), y, atol=1e-4)
         assert not np.allclose(_apply(net, x, c, zeros), _apply(net, x, c, zeros + 1), atol=1e-4)
         assert not np.allclose(_apply(net, x, c + 0.3), y, atol=1e-4)
         with pytest.raises(TypeError, match="integer"):
-            _apply(net, x, c, jnp.zeros(x.shape[0]))
+            _apply(net, x, c, np.zeros(x.shape[0], np.float32))
         with pytest.raises(ValueError, match="label must have shape"):
-            _apply(net, x, c, jnp.zeros(x.shape[0] + 1, int))
+            _apply(net, x, c, np.zeros(x.shape[0] + 1, int))
         with pytest.raises(ValueError, match="c_noise must have shape"):
             _apply(net, x, c[:1])
 
@@ -130,11 +138,13 @@ def test_time_and_label_change_the_output_and_none_is_the_null_label():
 def test_clear_errors():
     (mlp, v), (unet, img) = _nets()
     with pytest.raises(ValueError, match="num_classes=None"):
-        _default_nets()[0](v, _c(v), jnp.zeros(v.shape[0], int))
+        _default_nets()[0](v, _c(v), np.zeros(v.shape[0], int))
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\]"):
+        mlp(v, _c(v), np.arange(v.shape[0]))
     with pytest.raises(ValueError, match=r"MLP expects x of shape \(B, 2\)"):
-        mlp(jnp.ones((5, 3)), _c(v))
+        mlp(np.ones((5, 3), np.float32), _c(v))
     with pytest.raises(ValueError, match=r"\(B, H, W, 1\)"):
-        unet(jnp.ones((2, 8, 4, 3)), _c(img))
+        unet(np.ones((2, 8, 4, 3), np.float32), _c(img))
     with pytest.raises(ValueError, match=r"\(B, H, W, 1\)"):
         unet(img[0], _c(img))
     with pytest.raises(ValueError, match="divisible by 2"):
@@ -150,20 +160,21 @@ def test_clear_errors():
 
 
 def test_self_attention_is_equivariant_to_permutations_of_positions():
-    block = _nets()[1][0].down[1].attention  # the U-Net's block at 4×2, 64 channels
+    block = _nets()[1][0].down[1][0].attention  # the U-Net's block at 4×2, 64 channels
     assert isinstance(block, SelfAttention)
     graph, state = nnx.split(block)
-    apply = jax.jit(lambda state_, x_: nnx.merge(graph, state_)(x_))
-    x = jax.random.normal(jax.random.key(0), (2, 3, 4, 64))
+    apply = _jit(lambda state_, x_: nnx.merge(graph, state_)(x_))
+    x = _normal(0, (2, 3, 4, 64))
     perm = np.random.default_rng(0).permutation(12)
 
     def permute(a):
         return a.reshape(2, 12, 64)[:, perm].reshape(a.shape)
 
-    y = apply(state, x)
+    y = np.asarray(apply(state, x))
     np.testing.assert_allclose(apply(state, permute(x)), permute(y), rtol=1e-5, atol=1e-5)
     # and it mixes positions: changing one position changes the output at every other one
-    changed = np.abs(np.asarray(apply(state, x.at[:, 0, 0].add(1.0)) - y)).reshape(2, 12, 64)
+    x[:, 0, 0] += 1.0
+    changed = np.abs(np.asarray(apply(state, x)) - y).reshape(2, 12, 64)
     assert np.all(changed[:, 1:].max(-1) > 1e-6)
 
 
@@ -176,21 +187,17 @@ def test_networks_sample_through_ddim():
 
 
 def test_bfloat16_gradients_are_float32_and_close_to_float32_gradients():
-    (mlp16, v), (mlp32, _) = _nets(jnp.bfloat16)[0], _nets()[0]
-    # a one-level U-Net (GroupNorm, convolutions, attention) keeps the compilation short
-    one_level = partial(sd.nets.UNet, multipliers=(1,), attention_levels=(0,))
-    img = jax.random.normal(jax.random.key(3), (2, 4, 6, 1))
-    for net16, net32, x in [(mlp16, mlp32, v), (one_level(dtype=jnp.bfloat16, rngs=nnx.Rngs(0)), one_level(rngs=nnx.Rngs(0)), img)]:
+    for (net16, x), (net32, _) in zip(_nets(jnp.bfloat16), _nets()):
         graph16, params, rest = nnx.split(net16, nnx.Param, ...)
         graph32, params32, _ = nnx.split(net32, nnx.Param, ...)
         jax.tree.map(np.testing.assert_array_equal, params, params32)  # the same weights
-        target = jax.random.normal(jax.random.key(2), x.shape)
+        target = _normal(5, x.shape)
 
-        @partial(jax.jit, static_argnums=1)
+        @partial(_jit, static_argnums=1)
         def grad(p, graph):
             return jax.grad(lambda p_: jnp.sum(nnx.merge(graph, p_, rest)(x, _c(x)) * target))(p)
 
         for a, b in zip(jax.tree.leaves(grad(params, graph16)), jax.tree.leaves(grad(params, graph32))):
             assert a.dtype == jnp.float32
             a, b = np.asarray(a), np.asarray(b)
-            assert np.linalg.norm(a - b) <= 5e-2 * np.linalg.norm(b) + 1e-6
+            assert np.linalg.norm(a - b) <= 5e-2 * np.linalg.norm(b)
