@@ -36,3 +36,4 @@ from .quality import DigitsClassifier, digits_classifier, digits_frechet_distanc
 from .training import TrainConfig, TrainResult, restore_model, train
 from .nets import MLP, FourierEmbedding, SinusoidalEmbedding, UNet
 from .losses import AbstractTimeDistribution, AbstractWeighting, DenoisingScoreMatching, EDMWeighting, LikelihoodWeighting, LinearDenoisingScoreMatching, LogNormalNoise, LogSNRTimes, MinSNRWeighting, NoiseWeighting, SlicedScoreMatching, UniformTimes, UnitWeighting
+from .likelihood import AbstractProbe, AbstractTraceEstimator, ExactTrace, GaussianProbe, Hutchinson, LikelihoodInfo, RademacherProbe, bits_per_dim, dequantize, log_likelihood
