@@ -13,3 +13,5 @@ def test_readme_examples_run():
     assert namespace["x"].shape == (1000, 2)
     assert namespace["result"].validation_error < namespace["result"].validation_error_initial
     assert namespace["info"].nfe > 0
+    history = namespace["trained"].history
+    assert namespace["x0"].shape == (1000, 2) and history[-1]["loss"] < history[0]["loss"]
