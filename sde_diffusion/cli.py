@@ -1,4 +1,4 @@
-"""Command line: ``sde-diffusion demo | train | sample``, one typed config per command (tyro).
+"""Command line: ``sde-diffusion demo | train | sample | likelihood``, one typed config per command (tyro).
 
 Names on the command line (``--model.sde edm``) map to library objects in the tables below; the
 library itself is typed (``sd.EDM()``, ``sd.DPMSolverPP(...)``), the names live only here.
@@ -376,9 +376,12 @@ COMMANDS = {
 
 
 def main() -> None:
+    from .likelihood_cli import LikelihoodCommand, likelihood_command  # it builds on this module
+
+    commands = {**COMMANDS, "likelihood": (LikelihoodCommand, likelihood_command)}
     config = tyro.extras.subcommand_cli_from_dict(
-        {name: config_type for name, (config_type, _) in COMMANDS.items()},
+        {name: config_type for name, (config_type, _) in commands.items()},
         description="sde_diffusion: continuous-time score-based diffusion in JAX",
     )
-    run = next(command for config_type, command in COMMANDS.values() if isinstance(config, config_type))
+    run = next(command for config_type, command in commands.values() if isinstance(config, config_type))
     run(config)
