@@ -256,3 +256,21 @@ def test_likelihood_command_on_a_trained_run(tmp_path, monkeypatch, capsys):
         likelihood_command(LikelihoodCommand(run=run, n=0))
     command = LikelihoodCommand(run=run, trace="hutchinson", probes=3, probe="gaussian")
     assert build_trace(command) == sd.Hutchinson(3, sd.GaussianProbe())
+
+
+@pytest.mark.slow
+def test_critically_damped_langevin_gives_the_oracle_log_density(x64):
+    """A linear SDE with matrix noise on (x, v): the mixture on the joint state is exact under it, so
+    log p_0(x, v) of the data (v ~ N(0, γM) independent) is known. Slow: every score evaluation
+    solves the moment ODEs."""
+    cld = sd.CriticallyDampedLangevin(n=2)
+    ring = sd.GaussianMixture.ring(jax.random.key(0))
+    velocity = jnp.full_like(ring.variances, cld.velocity_std**2)
+    means = jnp.concatenate([ring.means, jnp.zeros_like(ring.means)], axis=1)
+    data = sd.GaussianMixture(ring.weights, means, jnp.concatenate([ring.variances, velocity], axis=1))
+    x = data.sample(jax.random.key(1), 8)
+    log_p, info = sd.log_likelihood(cld, partial(data.marginal_score, cld), x, rtol=1e-8, atol=1e-8)
+    assert info.t_start == cld.t0 and info.jvps_per_evaluation == 4
+    assert np.max(_oracle_ode_error(data, cld, x, info)) / 4 < 1e-6
+    # the prior N(0, Q(t1)) is close to p_t1 here: log p_0 itself to 1e-4
+    np.testing.assert_allclose(log_p, jax.vmap(data.log_prob)(x), atol=1e-4)
