@@ -15,7 +15,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from .cli import DataName, load_data, load_run
-from .likelihood import AbstractTraceEstimator, ExactTrace, GaussianProbe, Hutchinson, RademacherProbe, bits_per_dim, dequantize, log_likelihood
+from .likelihood import (
+    AbstractTraceEstimator,
+    ExactTrace,
+    GaussianProbe,
+    Hutchinson,
+    RademacherProbe,
+    bits_per_dim,
+    dequantize,
+    log_likelihood,
+)
 
 SOLVERS = {"tsit5": diffrax.Tsit5, "dopri5": diffrax.Dopri5, "dopri8": diffrax.Dopri8, "bosh3": diffrax.Bosh3}
 PROBES = {"rademacher": RademacherProbe, "gaussian": GaussianProbe}
