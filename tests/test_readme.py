@@ -13,5 +13,7 @@ def test_readme_examples_run():
     assert namespace["x"].shape == (1000, 2)
     assert namespace["result"].validation_error < namespace["result"].validation_error_initial
     assert namespace["info"].nfe > 0
+    exact = namespace["jax"].vmap(namespace["mixture"].log_prob)(namespace["points"]).mean()
+    assert abs(float(namespace["log_p"].mean() - exact)) < 1e-2
     history = namespace["trained"].history
     assert namespace["x0"].shape == (1000, 2) and history[-1]["loss"] < history[0]["loss"]
