@@ -53,27 +53,38 @@ class AbstractLinearSDE(AbstractSDE):
     def transition(self, t: ArrayLike) -> tuple[Array, Array]:
         """``(Φ(t), Q(t))`` from the moment ODEs."""
         t = check_time(t, self.t0, self.t1)
-        d = self.dim
-        eye = jnp.eye(d, dtype=t.dtype)
+        phi, q = self.moments_at(t[None], jnp.zeros((self.dim, self.dim), t.dtype))
+        return phi[0], q[0]
 
-        def moments(s, y, args):
-            phi, q = y
-            f, l = self.drift_matrix(s), self.diffusion_matrix(s)
-            return f @ phi, f @ q + q @ f.T + l @ l.T
+    def moments_at(self, ts: Array, cov0: Array) -> tuple[Array, Array]:
+        """``Φ(t)`` and ``Σ(t) = Φ cov0 Φᵀ + Q(t)`` at every ``t`` of ``ts`` (any order), from ONE
+        adaptive solve of ``Φ' = F Φ, Φ(t0) = I; Σ' = F Σ + Σ Fᵀ + L Lᵀ, Σ(t0) = cov0`` saved at
+        the sorted times (Tsit5; rtol = atol = 1e-11 in float64; rtol 1e-6, atol 1e-9 in float32,
+        which resolves the small blocks of ``Σ`` near ``t0``).
+        """
+        order = jnp.argsort(ts)
+        sorted_ts = ts[order]
 
-        tol = 1e-11 if t.dtype == jnp.float64 else 1e-6
-        sol = diffrax.diffeqsolve(
-            diffrax.ODETerm(moments),
+        def rhs(t, y, args):
+            phi, cov = y
+            f, l = self.drift_matrix(t).astype(cov.dtype), self.diffusion_matrix(t).astype(cov.dtype)
+            return f @ phi, f @ cov + cov @ f.T + l @ l.T
+
+        rtol, atol = (1e-11, 1e-11) if cov0.dtype == jnp.float64 else (1e-6, 1e-9)
+        solution = diffrax.diffeqsolve(
+            diffrax.ODETerm(rhs),
             diffrax.Tsit5(),
             t0=self.t0,
-            t1=t,
+            t1=sorted_ts[-1],
             dt0=None,
-            y0=(eye, jnp.zeros_like(eye)),
-            stepsize_controller=diffrax.PIDController(rtol=tol, atol=tol),
+            y0=(jnp.eye(cov0.shape[0], dtype=cov0.dtype), cov0),
+            saveat=diffrax.SaveAt(ts=sorted_ts),
+            stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
             max_steps=100_000,
         )
-        phi, q = jax.tree.map(lambda y: y[-1], sol.ys)
-        return phi, 0.5 * (q + q.T)
+        inverse = jnp.argsort(order)
+        phi, cov = (y[inverse] for y in solution.ys)
+        return phi, 0.5 * (cov + jnp.swapaxes(cov, -1, -2))
 
     def moments(self, t: ArrayLike, mean0: ArrayLike, cov0: ArrayLike) -> tuple[Array, Array]:
         """Mean and covariance at ``t`` of ``x`` started from ``N(mean0, cov0)`` at ``t0``."""

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import abc
 
-import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -290,50 +289,13 @@ def _initial_moments(sde: AbstractLinearSDE, x0: Array) -> tuple[Array, Array]:
     return x0, jnp.zeros((dim, dim), x0.dtype)
 
 
-def _moments(sde: AbstractLinearSDE, ts: Array, cov0: Array) -> tuple[Array, Array]:
-    """``Φ(t)`` and ``Σ(t) = Φ cov0 Φᵀ + Q(t)`` at every ``t`` of ``ts``, from ONE solve of
-
-        Φ' = F Φ,  Φ(t0) = I;      Σ' = F Σ + Σ Fᵀ + L Lᵀ,  Σ(t0) = cov0,
-
-    saving at the sorted times (Tsit5 dense output). For 256 times on a CPU (CLD, d = 2) this
-    costs ~1 ms in float32 (2–5 ms in float64); vmapping ``sde.moments`` costs ~45 ms (one
-    lock-stepped adaptive solve per time), 70× a small MLP's gradient step.
-    ``atol = 10⁻³ rtol`` resolves the small ``x``-block of ``Σ`` near ``t0`` (its Schur complement
-    grows like ``t³``): in float32 its relative error at ``t = 10⁻³`` is ~10⁻³ (~10⁻² with
-    ``atol = rtol``).
-    """
-    order = jnp.argsort(ts)
-    sorted_ts = ts[order]
-
-    def rhs(t, y, args):
-        phi, cov = y
-        f, l = sde.drift_matrix(t).astype(cov.dtype), sde.diffusion_matrix(t).astype(cov.dtype)
-        return f @ phi, f @ cov + cov @ f.T + l @ l.T
-
-    rtol = 1e-11 if cov0.dtype == jnp.float64 else 1e-6
-    solution = diffrax.diffeqsolve(
-        diffrax.ODETerm(rhs),
-        diffrax.Tsit5(),
-        t0=sde.t0,
-        t1=sorted_ts[-1],
-        dt0=None,
-        y0=(jnp.eye(cov0.shape[0], dtype=cov0.dtype), cov0),
-        saveat=diffrax.SaveAt(ts=sorted_ts),
-        stepsize_controller=diffrax.PIDController(rtol=rtol, atol=1e-3 * rtol),
-        max_steps=100_000,
-    )
-    inverse = jnp.argsort(order)
-    phi, cov = (y[inverse] for y in solution.ys)
-    return phi, 0.5 * (cov + jnp.swapaxes(cov, -1, -2))
-
-
 class LinearDenoisingScoreMatching(eqx.Module):
     """DSM for a linear SDE with a matrix covariance (e.g. critically-damped Langevin, CLD):
 
         E_t E_{x0, ε}[w ‖Cᵀ s_θ(u_t, t) + ε‖²],    u_t = m + C ε,  Σ = C Cᵀ (Cholesky),
 
-    where ``u_t | x0 ~ N(m, Σ)`` from the moment ODEs (for CLD ``u = (x, v)`` starts at
-    ``(x0, v0)`` with ``v0 ~ N(0, γM I)``, integrated out into ``Σ``). The conditional score is
+    where ``u_t | x0 ~ N(m, Σ)`` from one moment-ODE solve at the batch's times
+    (``sde.moments_at``; for CLD ``u = (x, v)`` starts at ``(x0, v0)`` with ``v0 ~ N(0, γM I)``, integrated out into ``Σ``). The conditional score is
     ``−C⁻ᵀ ε``, so this is ``(s_θ − s_cond)ᵀ Σ (s_θ − s_cond)``: the matrix ``Σ(t)`` weighting, the
     analogue of ``NoiseWeighting``'s ``σ² I`` (for ``Σ = σ² I`` it is exactly the ε-loss).
     ``model`` predicts the score of the whole state. ``Σ(t0)`` is singular (the ``x`` block is 0),
@@ -355,7 +317,7 @@ class LinearDenoisingScoreMatching(eqx.Module):
         mean0, cov0 = _initial_moments(sde, _data(batch))
         time_key, noise_key = jax.random.split(key)
         t, w = self.times.sample(sde, time_key, mean0.shape[0])
-        phi, cov = _moments(sde, t.astype(mean0.dtype), cov0)
+        phi, cov = sde.moments_at(t.astype(mean0.dtype), cov0)
         chol = jnp.linalg.cholesky(cov)
         eps = jax.random.normal(noise_key, mean0.shape, mean0.dtype)
         u = jnp.einsum("bij,bj->bi", phi, mean0) + jnp.einsum("bij,bj->bi", chol, eps)

@@ -23,7 +23,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, PRNGKeyArray
+from jaxtyping import Array
 
 from .grids import AbstractTimeGrid, UniformLogSNR
 from .sample import AbstractGridSampler, GridCoordinates, sampling_noise

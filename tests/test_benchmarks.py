@@ -1,28 +1,17 @@
 """The exact-GMM sampler benchmark (benchmarks/solvers.py) in its quick mode, run in-process."""
 
 import csv
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import jax
 import pytest
 
 import sde_diffusion as sd
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "solvers.py"
+from benchmark_scripts import load_benchmark
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("benchmark_solvers", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load()
+bench = load_benchmark("solvers")
 
 
 @pytest.fixture(scope="module")

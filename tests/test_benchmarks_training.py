@@ -1,24 +1,13 @@
 """benchmarks/training.py in a small quick mode, run in-process."""
 
 import csv
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "training.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("benchmark_training", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from benchmark_scripts import load_benchmark
 
 
 def test_quick_overhead_and_quality(tmp_path):
-    bench = _load()
+    bench = load_benchmark("training")
     args = ["--quick", "--sections", "overhead", "quality", "--overhead-steps", "60", "--quality-steps", "150", "400"]
     summary = bench.main([*args, "--samples", "500", "--out", str(tmp_path)])
     (row,) = summary["overhead"]
