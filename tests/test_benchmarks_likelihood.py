@@ -1,4 +1,5 @@
-"""The likelihood benchmark (benchmarks/likelihood.py) in its quick mode, run in-process."""
+"""The likelihood benchmark (benchmarks/likelihood.py) in its quick mode, run in-process (slow: pytest -m slow)."""
+
 
 import csv
 import math
@@ -7,6 +8,8 @@ import jax
 import pytest
 
 from benchmark_scripts import load_benchmark
+
+pytestmark = pytest.mark.slow
 
 
 bench = load_benchmark("likelihood")

@@ -3,9 +3,11 @@
 import csv
 import math
 
+import pytest
 from benchmark_scripts import load_benchmark
 
 
+@pytest.mark.slow
 def test_quick_overhead_and_quality(tmp_path):
     bench = load_benchmark("training")
     args = ["--quick", "--sections", "overhead", "quality", "--overhead-steps", "60", "--quality-steps", "150", "400"]

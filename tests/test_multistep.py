@@ -148,7 +148,7 @@ def test_invalid_configurations():
 
 @pytest.mark.parametrize(
     "method",
-    [sd.DPMSolverPP(4, order=3), pytest.param(sd.UniPC(4, order=3), marks=pytest.mark.slow),
+    [pytest.param(sd.DPMSolverPP(4, order=3), marks=pytest.mark.slow), pytest.param(sd.UniPC(4, order=3), marks=pytest.mark.slow),
      pytest.param(sd.DEIS(4, order=3), marks=pytest.mark.slow)],
     ids=lambda m: type(m).__name__,
 )

@@ -8,7 +8,7 @@ import sde_diffusion as sd
 from solver_problems import counting
 
 
-@pytest.mark.parametrize("sde", [sd.VP(), sd.VE()], ids=["VP", "VE"])
+@pytest.mark.parametrize("sde", [sd.VP(), pytest.param(sd.VE(), marks=pytest.mark.slow)], ids=["VP", "VE"])
 def test_converges_in_distribution(x64, sde):
     data = sd.GaussianMixture.ring(jax.random.key(0))
     score = partial(data.marginal_score, sde)

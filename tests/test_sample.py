@@ -37,6 +37,7 @@ def test_exact_score_recovers_data(x64, sde, method):
     assert info.nfe > 0
 
 
+@pytest.mark.slow
 def test_exact_score_recovers_data_linear_sde_with_matrix_noise(x64):
     """Critically-damped Langevin: 2-D state (x, v), one noise channel, exact mixture score."""
     cld = sd.CriticallyDampedLangevin(n=1)
