@@ -170,7 +170,8 @@ errors = [float(max_error(T)) for T in Ts]
 
 # the exact density of the first coordinate: a 1-D mixture, diffused by the same SDE
 data_1d = sd.GaussianMixture(data.weights, data.means[:, :1], data.variances[:, :1])
-density_1d = jax.jit(jax.vmap(jax.vmap(lambda t, x: jnp.exp(data_1d.marginal_log_prob(vp, t, x[None])), (None, 0)), (0, None)))
+density_1d = jax.jit(jax.vmap(jax.vmap(lambda t, x: jnp.exp(data_1d.marginal_log_prob(vp, t, x[None])),
+                                        (None, 0)), (0, None)))  # over times (rows) and points x_1
 x_line = jnp.linspace(-lim, lim, 200)
 
 fig, axes = plt.subplots(1, 3, figsize=(15, 4))
@@ -392,6 +393,12 @@ fig.tight_layout()
 plt.show()
 
 # %% [markdown]
+# Even with the exact denoiser the chain is not exact: by the law of total variance the true reverse
+# kernel has covariance $\tilde\beta_i I + c_i^2 \operatorname{Cov}[x_0 \mid x_i]$ ($c_i$ the coefficient of $x_0$ in
+# $\tilde\mu_i$), more than the $\tilde\beta_i I$ used here, so the samples come out slightly too concentrated (a
+# higher mean log-density than fresh data). Ho et al. (2020) use either $\tilde\beta_i$ or $\beta_i$, the
+# two extreme cases; the error vanishes as $T \to \infty$.
+#
 # ## 6. The continuous limit: reverse SDE and probability-flow ODE
 #
 # As $T \to \infty$ the reverse chain becomes the reverse-time SDE (Anderson 1982)

@@ -80,8 +80,9 @@ vp = sd.VP()
 # | `MinSNRWeighting` | $\sigma^2\min(1, \gamma/\text{SNR})$ | min-SNR-$\gamma$ (Hang et al. 2023): $\min(\text{SNR}, \gamma)\|\hat x_0 - x_0\|^2$ |
 #
 # and times are drawn uniformly in $t$ (`UniformTimes`), uniformly in log-SNR (`LogSNRTimes`, with the
-# importance weight $w \propto \sigma^2/g^2$ that keeps the objective unchanged: for $g^2$ it cancels the
-# huge weight near $t = 0$), or log-normally in $\tilde\sigma$ (`LogNormalNoise`, EDM's choice).
+# importance weight $w \propto \sigma^2/g^2$ that keeps the objective unchanged; with $g^2$ the product
+# $w g^2 \propto \sigma^2$ tames the variance of the regression target $\varepsilon/\sigma$, huge near $t = 0$), or
+# log-normally in $\tilde\sigma$ (`LogNormalNoise`, EDM's choice).
 #
 # We train seven models: the four parametrizations under the DDPM loss ($\sigma^2$, uniform $t$), and the
 # EDM-preconditioned network under the four weightings (the $\sigma^2$ run is shared). All start from the
@@ -101,7 +102,8 @@ def make_runs(sigma_data):
         "v-prediction": (sd.Velocity(net), simple),
         "EDM, σ² weighting": (edm, simple),
         "EDM, likelihood g²": (edm, sd.DenoisingScoreMatching(weighting=sd.LikelihoodWeighting(), times=sd.LogSNRTimes())),
-        "EDM, EDM weighting": (edm, sd.DenoisingScoreMatching(weighting=sd.EDMWeighting(sigma_data), times=sd.LogNormalNoise())),
+        "EDM, EDM weighting": (edm, sd.DenoisingScoreMatching(weighting=sd.EDMWeighting(sigma_data),
+                                                              times=sd.LogNormalNoise())),
         "EDM, min-SNR-5": (edm, sd.DenoisingScoreMatching(weighting=sd.MinSNRWeighting(gamma=5.0), times=sd.UniformTimes())),
     }
 
@@ -215,9 +217,9 @@ def sample_all(models, key):
 
 
 samples = jax.tree.map(np.asarray, sample_all(trained, jax.random.key(2)))
-sw_key = jax.random.key(3)
-sw2 = {name: float(sd.sliced_wasserstein(x, held_out[:N], sw_key)) for name, x in samples.items()}
-floor = float(sd.sliced_wasserstein(held_out[N:], held_out[:N], sw_key))
+sliced_w2 = jax.jit(lambda x: sd.sliced_wasserstein(x, held_out[:N], jax.random.key(3)))
+sw2 = {name: float(sliced_w2(x)) for name, x in samples.items()}
+floor = float(sliced_w2(held_out[N:]))
 
 fig, axes = plt.subplots(2, 5, figsize=(20, 7.5), sharex=True, sharey=True)
 axes[0, 0].scatter(*held_out[:N].T, s=1, alpha=0.4, color="k", label="held-out data")
