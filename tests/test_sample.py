@@ -22,9 +22,14 @@ def noise_floor(draw, key, n, reps=8):
     return np.mean(values) + 5 * np.std(values)
 
 
-@pytest.mark.parametrize("sde", [sd.VP(), sd.EDM(t0=0.0)], ids=["VP", "EDM"])
 @pytest.mark.parametrize(
-    "method", [sd.ReverseDiffusion(1000), sd.ProbabilityFlow(rtol=1e-6, atol=1e-6)], ids=["reverse_sde", "pf_ode"]
+    "method, sde",
+    [
+        pytest.param(sd.ReverseDiffusion(1000), sd.VP(), id="reverse_sde-VP"),
+        pytest.param(sd.ReverseDiffusion(1000), sd.EDM(t0=0.0), id="reverse_sde-EDM", marks=pytest.mark.slow),
+        pytest.param(sd.ProbabilityFlow(rtol=1e-6, atol=1e-6), sd.VP(), id="pf_ode-VP", marks=pytest.mark.slow),
+        pytest.param(sd.ProbabilityFlow(rtol=1e-6, atol=1e-6), sd.EDM(t0=0.0), id="pf_ode-EDM"),
+    ],
 )
 def test_exact_score_recovers_data(x64, sde, method):
     n = 4000
