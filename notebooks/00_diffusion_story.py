@@ -41,8 +41,7 @@ from matplotlib.lines import Line2D
 import sde_diffusion as sd
 
 N = 500 if FAST else 4000  # samples per scatter plot / statistic
-key = jax.random.key(0)
-keys = iter(jax.random.split(key, 32))
+keys = (jax.random.fold_in(jax.random.key(0), i) for i in range(1000))  # next(keys): a fresh key
 plt.rcParams.update({"figure.dpi": 90, "axes.grid": True, "grid.alpha": 0.3})
 
 # %% [markdown]
@@ -93,14 +92,16 @@ plt.show()
 
 # %%
 vp = sd.VP()
-t_grid = jnp.linspace(0.0, 1.0, 400)
+t_grid = np.linspace(0.0, 1.0, 400)
+schedule = jax.jit(jax.vmap(lambda t: (vp.alpha(t), vp.sigma(t), vp.g2(t), vp.log_snr(t))))
+alpha, sigma, g2, log_snr = map(np.asarray, schedule(t_grid))
 fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-axes[0].plot(t_grid, jax.vmap(vp.alpha)(t_grid), label=r"$\alpha(t)$ (signal scale)")
-axes[0].plot(t_grid, jax.vmap(vp.sigma)(t_grid), label=r"$\sigma(t)$ (noise scale)")
-axes[0].plot(t_grid, jax.vmap(vp.g2)(t_grid) / 20, label=r"$g^2(t) = \beta(t)$, divided by 20")
+axes[0].plot(t_grid, alpha, label=r"$\alpha(t)$ (signal scale)")
+axes[0].plot(t_grid, sigma, label=r"$\sigma(t)$ (noise scale)")
+axes[0].plot(t_grid, g2 / 20, label=r"$g^2(t) = \beta(t)$, divided by 20")
 axes[0].set(title="VP schedule", xlabel="t", ylabel="value")
 axes[0].legend()
-axes[1].plot(t_grid[1:], jax.vmap(vp.log_snr)(t_grid[1:]), color="C3", label=r"$\lambda(t) = \log(\alpha^2/\sigma^2)$")
+axes[1].plot(t_grid[1:], log_snr[1:], color="C3", label=r"$\lambda(t) = \log(\alpha^2/\sigma^2)$")
 axes[1].set(title="log signal-to-noise ratio", xlabel="t", ylabel=r"$\lambda$")
 axes[1].legend()
 fig.tight_layout()
@@ -116,7 +117,7 @@ plt.show()
 data = sd.gaussian_mixture_oracle()
 pool = np.asarray(data.sample(next(keys), 20000 + 3 * N))  # exact samples, split below
 x0, reference, other, train_data = np.split(pool, [N, 2 * N, 3 * N])
-frames = jnp.array([0.0, 0.05, 0.1, 0.2, 0.4, 1.0])
+frames = np.array([0.0, 0.05, 0.1, 0.2, 0.4, 1.0])
 xt = np.asarray(sd.simulate(vp, x0, next(keys), frames))
 
 lim = 3.2
@@ -176,7 +177,7 @@ x_line = jnp.linspace(-lim, lim, 200)
 
 fig, axes = plt.subplots(1, 3, figsize=(15, 4))
 axes[0].plot(i_all / 1000, alpha_bar, lw=3, alpha=0.5, label=r"chain $\bar\alpha_i$, T = 1000")
-axes[0].plot(t_grid, jax.vmap(vp.alpha)(t_grid) ** 2, "k--", label=r"SDE $\alpha(t)^2$")
+axes[0].plot(t_grid, alpha**2, "k--", label=r"SDE $\alpha(t)^2$")
 axes[0].set(title="chain and SDE kernels agree", xlabel="t = i / T", ylabel="signal variance")
 axes[0].legend()
 axes[1].loglog(Ts, errors, "o-", label=r"$\max_i |\bar\alpha_i - \alpha(i/T)^2|$")
