@@ -98,7 +98,8 @@ exact_trace_log_p = log_p  # at the tightest tolerance
 # ### Hutchinson: unbiased, with a spread that falls like $1/\sqrt K$
 #
 # A $K$-probe estimate of the log-density is the average of $K$ single-probe estimates along the same path
-# ($\delta\log p$ is linear in the trace estimates). So one call with `REPEATS` single-probe solves of every point
+# ($\delta\log p$ is linear in the trace estimates; the path itself does not depend on the probes, up to the
+# adaptive solver's choice of steps). So one call with `REPEATS` single-probe solves of every point
 # (each row of the batch gets its own probes from `key`) gives the estimates for every $K$: average them in
 # groups of $K$. We do this for Rademacher and Gaussian probes, then check one $K$ against the library's own
 # `sd.Hutchinson(num_probes=K)`, which shares the model evaluation between its $K$ JVPs.
@@ -182,8 +183,8 @@ plt.show()
 # dequantized training images.
 #
 # The model: a residual MLP on the flattened $D = 64$ pixels, EDM-preconditioned on VP, trained by DSM with
-# EDM's weighting and noise levels on freshly dequantized copies of the training images (a U-Net would do
-# better; notebook 04 trains one for samples).
+# EDM's weighting and noise levels on 8 dequantized copies of the training images (a U-Net would do better;
+# notebook 04 trains one for samples).
 
 # %%
 (train_images, _), (test_images, _) = sd.digits_split()
