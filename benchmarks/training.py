@@ -36,7 +36,7 @@ import optax
 from flax import nnx
 
 import sde_diffusion as sd
-from sde_diffusion.cli import generate, build_method
+from sde_diffusion.cli import build_method, denoising_time, generate
 
 
 def _config(steps: int, batch_size: int, **kw) -> sd.TrainConfig:
@@ -114,7 +114,7 @@ def overhead(args) -> list[dict]:
 
 def score_error(model, sde, oracle: sd.GaussianMixture, key, n: int = 2000) -> float:
     """``E_t E_{x_t} σ²‖s_θ − s*‖²/d`` over 32 log-SNR-uniform times from σ/α = 0.002 to t1."""
-    lam_hi = min(-2 * np.log(0.002), float(sde.log_snr(sde.t0)))
+    lam_hi = float(sde.log_snr(denoising_time(sde)))
     ts = jax.vmap(sde.t_from_log_snr)(jnp.linspace(float(sde.log_snr(sde.t1)), lam_hi, 32))
     errors = []
     for i, t in enumerate(ts):

@@ -180,11 +180,16 @@ SIGMA_MIN = 0.002
 """Sampling stops at ``σ/α = SIGMA_MIN`` (EDM's σ_min) and then denoises: ``x0 = D(x, t_min)``."""
 
 
-def generate(sde, model, key, shape: tuple[int, ...], method):
-    """Samples of the data: ``method`` from the prior down to ``σ/α = SIGMA_MIN`` (or ``t0`` if that
-    is later), then one denoiser evaluation (counted in ``nfe``). Returns ``(x0, nfe)``."""
+def denoising_time(sde) -> float:
+    """The time where ``σ/α = SIGMA_MIN``, or ``t0`` if ``σ(t0)/α(t0)`` is already larger."""
     lam = -2 * math.log(SIGMA_MIN)
-    t_end = sde.t0 if lam >= float(sde.log_snr(sde.t0)) else float(sde.t_from_log_snr(lam))
+    return sde.t0 if lam >= float(sde.log_snr(sde.t0)) else float(sde.t_from_log_snr(lam))
+
+
+def generate(sde, model, key, shape: tuple[int, ...], method):
+    """Samples of the data: ``method`` from the prior down to ``denoising_time(sde)``, then one
+    denoiser evaluation (counted in ``nfe``). Returns ``(x0, nfe)``."""
+    t_end = denoising_time(sde)
     x, info = sample(sde, model, key, shape, method=method, t_end=t_end)
     return jax.vmap(model.denoiser, in_axes=(None, None, 0))(sde, t_end, x), info.nfe + 1
 
@@ -322,9 +327,9 @@ def demo(config: DemoConfig) -> dict:
 
 
 def _flow_paths(sde, model, x_start: jax.Array, num_times: int = 60) -> np.ndarray:
-    """Probability-flow ODE trajectories from ``x_start`` at ``t1`` down to ``σ/α = 0.002``
+    """Probability-flow ODE trajectories from ``x_start`` at ``t1`` down to ``denoising_time``
     (Tsit5, rtol 1e-4), then one last point: the denoiser's ``E[x0 | x_t]`` there."""
-    t_min = float(sde.t_from_log_snr(jnp.minimum(-2 * jnp.log(0.002), sde.log_snr(sde.t0 + 1e-6 * (sde.t1 - sde.t0)))))
+    t_min = denoising_time(sde)
     flow = ProbabilityFlowODE(sde, lambda t, y: model.score(sde, t, y))
     span = sde.t1 - t_min
     solution = diffrax.diffeqsolve(
