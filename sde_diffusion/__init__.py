@@ -25,7 +25,7 @@ from .reverse import ProbabilityFlowODE, ReverseSDE
 from .sample import AbstractSamplingMethod, ProbabilityFlow, ReverseDiffusion, SampleInfo, sample
 from .simulate import simulate
 from .grids import AbstractTimeGrid, GivenTimes, KarrasSigma, QuadraticTime, UniformLogSNR, UniformTime
-from .parametrization import AbstractPrediction, Denoiser, EDMPreconditioned, Network, Noise, Score, Velocity, noise_level
+from .parametrization import AbstractPrediction, Denoiser, EDMPreconditioned, Network, Noise, Score, Velocity, noise_level, with_label
 from .multistep import DDIM, DEIS, AbstractMultistep, DPMSolverPP, DPMSolverPP2MSDE, UniPC
 from .singlestep import DPMSolverPP2S, EDMHeun
 from .predictor_corrector import PredictorCorrector
@@ -35,5 +35,7 @@ from .data import ArrayDataset, Dataset, IteratorDataset, as_dataset, checkerboa
 from .quality import DigitsClassifier, digits_classifier, digits_frechet_distance, digits_split, frechet_distance, train_digits_classifier
 from .training import TrainConfig, TrainResult, restore_model, train
 from .nets import MLP, FourierEmbedding, SinusoidalEmbedding, UNet
-from .losses import AbstractTimeDistribution, AbstractWeighting, DenoisingScoreMatching, EDMWeighting, LikelihoodWeighting, LinearDenoisingScoreMatching, LogNormalNoise, LogSNRTimes, MinSNRWeighting, NoiseWeighting, SlicedScoreMatching, UniformTimes, UnitWeighting
+from .losses import AbstractTimeDistribution, AbstractWeighting, DenoisingScoreMatching, EDMWeighting, LabelDropout, LikelihoodWeighting, LinearDenoisingScoreMatching, LogNormalNoise, LogSNRTimes, MinSNRWeighting, NoiseWeighting, NoisyClassification, SlicedScoreMatching, UniformTimes, UnitWeighting
 from .likelihood import AbstractProbe, AbstractTraceEstimator, ExactTrace, GaussianProbe, Hutchinson, LikelihoodInfo, RademacherProbe, bits_per_dim, dequantize, log_likelihood
+from .guidance import ClassifierFreeGuidance, ClassifierGuidance, Inpainting, LinearInverseProblem
+from .resampling import Resampling

@@ -14,7 +14,7 @@ import math
 import shutil
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import diffrax
 import jax
@@ -28,7 +28,8 @@ from . import losses, nets
 from .grids import KarrasSigma, UniformLogSNR
 from .metrics import sliced_wasserstein
 from .multistep import DDIM, DPMSolverPP, UniPC
-from .parametrization import Denoiser, EDMPreconditioned, Network, Noise, Score, Velocity
+from .guidance import ClassifierFreeGuidance
+from .parametrization import Denoiser, EDMPreconditioned, Network, Noise, Score, Velocity, with_label
 from .predictor_corrector import PredictorCorrector
 from .reverse import ProbabilityFlowODE
 from .sample import ProbabilityFlow, ReverseDiffusion, sample
@@ -61,6 +62,8 @@ class ModelSpec:
     """MLP hidden width, or U-Net base channels."""
     depth: int = 3
     """MLP hidden layers (U-Net: ignored)."""
+    num_classes: int = 0
+    """Classes of a class-conditional network (0: unconditional); set by ``train --conditional``."""
     mixed_precision: bool = False
     """Compute in bfloat16 with float32 weights."""
     seed: int = 0
@@ -76,29 +79,39 @@ def build_model(spec: ModelSpec, event_shape: tuple[int, ...], sigma_data: float
     rngs = nnx.Rngs(spec.seed)
     dtype = jnp.bfloat16 if spec.mixed_precision else jnp.float32
     network = spec.network if spec.network != "auto" else ("mlp" if len(event_shape) == 1 else "unet")
+    classes = spec.num_classes or None
     if network == "mlp":
         if len(event_shape) != 1:
             raise ValueError(f"the MLP takes vectors, the data have event shape {event_shape}: use --model.network unet")
-        net = nets.MLP(event_shape[0], hidden=spec.width, depth=spec.depth, dtype=dtype, rngs=rngs)
+        net = nets.MLP(event_shape[0], hidden=spec.width, depth=spec.depth, num_classes=classes, dtype=dtype, rngs=rngs)
     else:
         if len(event_shape) != 3:
             raise ValueError(f"the U-Net takes images (H, W, C), the data have event shape {event_shape}")
-        net = nets.UNet(event_shape[-1], base=spec.width, dtype=dtype, rngs=rngs)
+        net = nets.UNet(event_shape[-1], base=spec.width, num_classes=classes, dtype=dtype, rngs=rngs)
     fn = Network(net, sde)
     if spec.parametrization == "edm":
         return EDMPreconditioned(fn, sigma_data=sigma_data)
     return PREDICTIONS[spec.parametrization](fn)
 
 
-def load_data(name: DataName | Path, n: int, seed: int) -> np.ndarray:
-    """A toy set (n points), the 8×8 digits (images in [−1, 1]), or a .npy array of shape (n, ...)."""
+def load_data(name: DataName | Path, n: int, seed: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(x, labels)``: a toy set (n points; the Gaussian mixture labelled by component), the 8×8
+    digits (images in [−1, 1], labelled), a .npy array of shape (n, ...) or a .npz holding ``x``
+    (and optionally integer ``labels``); ``labels`` is None for unlabelled data."""
     if isinstance(name, Path):
         if not name.exists():
             raise FileNotFoundError(f"data file {name} does not exist")
-        return np.load(name)
+        if name.suffix == ".npz":
+            arrays = np.load(name)
+            if "x" not in arrays:
+                raise ValueError(f"{name} must hold an array named x (and optionally labels)")
+            return arrays["x"], arrays["labels"] if "labels" in arrays else None
+        return np.load(name), None
     if name == "digits":
-        return datasets.digits()[0]
-    return TOYS[name](n, seed=seed)
+        return datasets.digits()
+    if name == "gaussian_mixture":
+        return datasets.gaussian_mixture(n, seed=seed, labels=True)
+    return TOYS[name](n, seed=seed), None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +129,11 @@ class TrainCommand:
     times: Literal["uniform", "log_snr", "log_normal"] = "log_normal"
     """Training time distribution: uniform t, uniform log-SNR (importance for g²), EDM log-normal σ."""
     train: TrainConfig = TrainConfig(steps=4000, batch_size=256, learning_rate=2e-3, warmup_steps=200)
+    conditional: bool = False
+    """Train a class-conditional model on the data's labels (digits, gaussian_mixture, .npz with
+    labels), with label dropout for classifier-free guidance (``sample --class y --guidance w``)."""
+    label_dropout: float = 0.1
+    """Probability of training a labelled example as unconditional (the null class)."""
     resume: bool = True
     """Continue from the latest checkpoint in ``out`` if there is one."""
     sample_every: int = 0
@@ -123,7 +141,7 @@ class TrainCommand:
     progress: bool = True
 
 
-def _objective(command: TrainCommand, sigma_data: float):
+def _objective(command: TrainCommand, sigma_data: float, num_classes: int):
     weighting = {
         "simple": losses.NoiseWeighting(),
         "likelihood": losses.LikelihoodWeighting(),
@@ -135,16 +153,24 @@ def _objective(command: TrainCommand, sigma_data: float):
         "log_snr": losses.LogSNRTimes(),
         "log_normal": losses.LogNormalNoise(),
     }[command.times]
-    return losses.DenoisingScoreMatching(weighting=weighting, times=times)
+    objective = losses.DenoisingScoreMatching(weighting=weighting, times=times)
+    return losses.LabelDropout(objective, num_classes, command.label_dropout) if num_classes else objective
 
 
 def train_command(command: TrainCommand):
     """Run ``train``; returns ``(model, TrainResult, run)`` where ``run`` is what run.json holds."""
-    x = load_data(command.data, command.n_data, command.model.seed)
-    dataset = datasets.as_dataset(x, seed=command.model.seed)
+    x, labels = load_data(command.data, command.n_data, command.model.seed)
+    spec = command.model
+    if command.conditional:
+        if labels is None:
+            raise ValueError(f"--conditional needs labelled data (digits, gaussian_mixture, .npz with labels), not {command.data}")
+        spec = dataclasses.replace(spec, num_classes=int(np.max(labels)) + 1)
+    elif spec.num_classes:
+        raise ValueError("a class-conditional model (num_classes > 0) is trained with --conditional")
+    dataset = datasets.as_dataset((x, labels) if spec.num_classes else x, seed=spec.seed)
     sigma_data = float(np.std(x))
     run = {
-        "model": dataclasses.asdict(command.model),
+        "model": dataclasses.asdict(spec),
         "event_shape": list(x.shape[1:]),
         "sigma_data": sigma_data,
         "data": str(command.data),
@@ -154,15 +180,15 @@ def train_command(command: TrainCommand):
     if command.resume and run_file.exists() and json.loads(run_file.read_text())["model"] != run["model"]:
         raise ValueError(f"{run_file} describes another model; use a fresh --out or --no-resume")
     run_file.write_text(json.dumps(run, indent=2))
-    model = build_model(command.model, x.shape[1:], sigma_data)
-    sde = build_sde(command.model)
+    model = build_model(spec, x.shape[1:], sigma_data)
+    sde = build_sde(spec)
     sample_fn = None
     if command.sample_every > 0:
         def sample_fn(ema_model, key):
             return generate(sde, ema_model, key, (256, *x.shape[1:]), build_method("dpm++3m", 19))[0]
     result = train(
         model,
-        _objective(command, sigma_data),
+        _objective(command, sigma_data, spec.num_classes),
         sde,
         dataset,
         dataclasses.replace(command.train, sample_every=command.sample_every),
@@ -227,6 +253,29 @@ class SampleCommand:
     """.png (scatter or image grid) or .npz (array ``samples``)."""
     ema: bool = True
     seed: int = 0
+    label: Annotated[int | None, tyro.conf.arg(name="class")] = None
+    """Class to generate, for a model trained with ``--conditional`` (default: unconditional)."""
+    guidance: float = 1.0
+    """Classifier-free guidance scale w with --class: D = D_∅ + w (D_y − D_∅); 1 is the plain conditional model."""
+    guidance_interval: tuple[float, float] | None = None
+    """Noise levels σ/α in (lo, hi] where guidance is on (default: everywhere)."""
+
+
+def guided_model(model, num_classes: int, label: int | None, guidance: float, interval: tuple[float, float] | None):
+    """``model`` for class ``label`` with classifier-free guidance ``guidance`` (``None``: the
+    unconditional model of a class-conditional network, or ``model`` itself)."""
+    if label is None:
+        if guidance != 1.0 or interval is not None:
+            raise ValueError("--guidance and --guidance-interval need --class")
+        return with_label(model, None) if num_classes else model
+    if not num_classes:
+        raise ValueError("--class needs a model trained with --conditional")
+    if not 0 <= label < num_classes:
+        raise ValueError(f"--class must lie in [0, {num_classes - 1}], got {label}")
+    conditional = with_label(model, label)
+    if guidance == 1.0 and interval is None:
+        return conditional
+    return ClassifierFreeGuidance(conditional, with_label(model, None), guidance, interval)
 
 
 def load_run(run_dir: Path, ema: bool = True):
@@ -246,18 +295,21 @@ def sample_command(command: SampleCommand) -> np.ndarray:
         raise ValueError(f"n must be ≥ 1, got {command.n}")
     if command.output.suffix not in (".png", ".npz"):
         raise ValueError(f"output must end in .png or .npz, got {command.output}")
-    event_shape = tuple(json.loads((command.run / "run.json").read_text())["event_shape"])
+    run = json.loads((command.run / "run.json").read_text())
+    model = guided_model(model, run["model"].get("num_classes", 0), command.label, command.guidance, command.guidance_interval)
     start = time.perf_counter()
-    x, nfe = generate(sde, model, jax.random.key(command.seed), (command.n, *event_shape), build_method(command.method, command.steps))
+    x, nfe = generate(sde, model, jax.random.key(command.seed), (command.n, *run["event_shape"]), build_method(command.method, command.steps))
     x = np.asarray(x)
-    print(f"{command.n} samples by {command.method} in {time.perf_counter() - start:.1f} s, NFE {nfe}")
+    passes = " (2 network passes each where guided)" if isinstance(model, ClassifierFreeGuidance) else ""
+    print(f"{command.n} samples by {command.method} in {time.perf_counter() - start:.1f} s, NFE {nfe}{passes}")
     command.output.parent.mkdir(parents=True, exist_ok=True)
     if command.output.suffix == ".npz":
         np.savez(command.output, samples=x)
     else:
         from .training import save_samples_png
 
-        save_samples_png(command.output, x, title=f"{command.method}, {nfe} NFE")
+        guided = "" if command.label is None else f", class {command.label}, guidance {command.guidance:g}"
+        save_samples_png(command.output, x, title=f"{command.method}, {nfe} NFE{guided}")
     print(f"wrote {command.output}")
     return x
 

@@ -92,11 +92,17 @@ def gaussian_mixture_oracle(n_components: int = 8, radius: float = 1.0) -> Gauss
     return GaussianMixture.ring(jax.random.key(0), _count(n_components, "n_components", 1), radius)
 
 
-def gaussian_mixture(n: int, seed: int = 0, n_components: int = 8, radius: float = 1.0) -> np.ndarray:
+def gaussian_mixture(
+    n: int, seed: int = 0, n_components: int = 8, radius: float = 1.0, *, labels: bool = False
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Exact samples of ``gaussian_mixture_oracle(n_components, radius)`` drawn with
-    ``jax.random.key(seed)`` (for ≥ 2 components: mean 0, per-coordinate variance ≈ radius²/2 + 0.01)."""
+    ``jax.random.key(seed)`` (for ≥ 2 components: mean 0, per-coordinate variance ≈ radius²/2 + 0.01);
+    with ``labels=True`` also the component of each sample (int32), the classes of the oracle's
+    exact class-conditional ``oracle.select([k])``."""
     oracle = gaussian_mixture_oracle(n_components, radius)
-    return np.asarray(oracle.sample(jax.random.key(_count(seed, "seed", 0)), _count(n, "n", 1)), dtype=np.float32)
+    x, k = oracle.sample_with_components(jax.random.key(_count(seed, "seed", 0)), _count(n, "n", 1))
+    x = np.asarray(x, dtype=np.float32)
+    return (x, np.asarray(k, dtype=np.int32)) if labels else x
 
 
 # -- 8×8 digits ------------------------------------------------------------------------------

@@ -75,7 +75,7 @@ def likelihood_command(command: LikelihoodCommand) -> dict:
         saved = json.loads((command.run / "run.json").read_text())["data"]
         name = saved if saved in get_args(DataName) else Path(saved)
     levels = DIGITS_LEVELS if command.levels is None and name == "digits" else command.levels
-    x = np.asarray(load_data(name, command.n, command.seed), dtype=np.float32)[: command.n]
+    x = np.asarray(load_data(name, command.n, command.seed)[0], dtype=np.float32)[: command.n]
     if x.ndim < 2:
         raise ValueError(f"data must have shape (n, ...) with an event shape, got {x.shape}")
     trace = build_trace(command)

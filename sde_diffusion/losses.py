@@ -2,7 +2,9 @@
 
 ``model`` is a prediction (``Score``, ``Denoiser``, ``Noise``, ``Velocity``, ``EDMPreconditioned``;
 a plain callable ``fn(t, x)`` is read as a ``Score``); ``batch`` is data ``x0`` of shape
-``(B, *event_shape)`` or a tuple ``(x0, labels)`` (labels are not used yet). Every objective is
+``(B, *event_shape)`` or a tuple ``(x0, labels)`` with one integer class per example, which each
+example's model sees (``sd.with_label``; wrap the objective in ``LabelDropout`` to also train the
+unconditional model that classifier-free guidance needs). Every objective is
 an expectation over a time distribution (``UniformTimes``, ``LogSNRTimes``, ``LogNormalNoise``),
 whose importance weight ``w`` keeps it equal to its definition, of a weighted squared score error
 
@@ -17,6 +19,7 @@ Langevin). ``SlicedScoreMatching`` needs no kernel and trains on any SDE.
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 
 import equinox as eqx
 import jax
@@ -24,7 +27,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, PRNGKeyArray
 
 from .linear import AbstractLinearSDE, CriticallyDampedLangevin
-from .parametrization import AbstractPrediction, Noise, Score, as_prediction
+from .parametrization import AbstractPrediction, Noise, Score, as_prediction, with_label
 from .schedule import AbstractScheduleSDE
 from .sde import AbstractSDE
 from .simulate import simulate
@@ -36,18 +39,29 @@ def _schedule(sde: AbstractSDE, what: str, hint: str = "") -> AbstractScheduleSD
     return sde
 
 
-def _data(batch: ArrayLike | tuple[ArrayLike, ArrayLike]) -> Array:
-    """The data ``x0`` of a batch: an array ``(B, *event_shape)``, or ``(x0, labels)``."""
+def _data(batch: ArrayLike | tuple[ArrayLike, ArrayLike]) -> tuple[Array, Array | None]:
+    """``(x0, labels)`` of a batch: an array ``(B, *event_shape)`` (``labels = None``), or a tuple
+    ``(x0, labels)`` with integer ``labels`` of shape ``(B,)``."""
+    labels = None
     if isinstance(batch, tuple):
         if len(batch) != 2:
             raise ValueError(f"a tuple batch must be (x0, labels), got {len(batch)} entries")
-        batch = batch[0]
+        batch, labels = batch
     x0 = jnp.asarray(batch)
     if not jnp.issubdtype(x0.dtype, jnp.floating):
         x0 = x0.astype(jnp.result_type(float))
     if x0.ndim < 1 or x0.shape[0] < 1:
         raise ValueError(f"batch must have shape (B, *event_shape) with B ≥ 1, got {x0.shape}")
-    return x0
+    if labels is not None:
+        labels = jnp.asarray(labels)
+        if labels.shape != x0.shape[:1] or not jnp.issubdtype(labels.dtype, jnp.integer):
+            raise ValueError(f"labels must be integers of shape {x0.shape[:1]}, got {labels.dtype} {labels.shape}")
+    return x0, labels
+
+
+def _labelled(model, label: Array | None):
+    """The model of one example: ``model`` itself, or conditioned on its ``label``."""
+    return model if label is None else with_label(model, label)
 
 
 def _check_fraction(name: str, value: float) -> None:
@@ -260,16 +274,16 @@ class DenoisingScoreMatching(eqx.Module):
             "; use LinearDenoisingScoreMatching for a linear SDE, SlicedScoreMatching for any SDE",
         )
         model = as_prediction(model)
-        x0 = _data(batch)
+        x0, labels = _data(batch)
         time_key, noise_key = jax.random.split(key)
         t, w = self.times.sample(sde, time_key, x0.shape[0])
         eps = jax.random.normal(noise_key, x0.shape, x0.dtype)
 
-        def one(t, x0, eps):
-            x, error = _score_error(model, sde, t, x0, eps)
+        def one(t, x0, eps, label):
+            x, error = _score_error(_labelled(model, label), sde, t, x0, eps)
             return self.weighting.weight(sde, t, x) * error
 
-        return jnp.mean(w * jax.vmap(one)(t, x0, eps))
+        return jnp.mean(w * jax.vmap(one)(t, x0, eps, labels))
 
 
 def _initial_moments(sde: AbstractLinearSDE, x0: Array) -> tuple[Array, Array]:
@@ -314,7 +328,8 @@ class LinearDenoisingScoreMatching(eqx.Module):
         if not isinstance(sde, AbstractLinearSDE):
             raise TypeError(f"LinearDenoisingScoreMatching needs a linear SDE, got {type(sde).__name__}")
         model = as_prediction(model)
-        mean0, cov0 = _initial_moments(sde, _data(batch))
+        x0, labels = _data(batch)
+        mean0, cov0 = _initial_moments(sde, x0)
         time_key, noise_key = jax.random.split(key)
         t, w = self.times.sample(sde, time_key, mean0.shape[0])
         phi, cov = sde.moments_at(t.astype(mean0.dtype), cov0)
@@ -322,10 +337,10 @@ class LinearDenoisingScoreMatching(eqx.Module):
         eps = jax.random.normal(noise_key, mean0.shape, mean0.dtype)
         u = jnp.einsum("bij,bj->bi", phi, mean0) + jnp.einsum("bij,bj->bi", chol, eps)
 
-        def one(t, u, chol, eps):
-            return jnp.sum(jnp.square(chol.T @ model.score(sde, t, u) + eps))
+        def one(t, u, chol, eps, label):
+            return jnp.sum(jnp.square(chol.T @ _labelled(model, label).score(sde, t, u) + eps))
 
-        return jnp.mean(w * jax.vmap(one)(t, u, chol, eps))
+        return jnp.mean(w * jax.vmap(one)(t, u, chol, eps, labels))
 
 
 # -- sliced score matching -----------------------------------------------------------------------
@@ -396,7 +411,7 @@ class SlicedScoreMatching(eqx.Module):
         if not isinstance(sde, AbstractSDE):
             raise TypeError(f"sde must be an sde_diffusion SDE, got {type(sde).__name__}")
         model = as_prediction(model)
-        x0 = _data(batch)
+        x0, labels = _data(batch)
         time_key, path_key, projection_key = jax.random.split(key, 3)
         t, w = self.times.sample(sde, time_key, x0.shape[0])
         lam = jax.vmap(self.weighting.weight, (None, 0, 0))(sde, t, x0)  # λ(t): x only gives the shape
@@ -405,15 +420,77 @@ class SlicedScoreMatching(eqx.Module):
         v_shape = (x0.shape[0], self.num_projections) + x0.shape[1:]
         v = jax.random.normal(projection_key, v_shape, x0.dtype)
 
-        def one(t, x, v):
-            s, jvp = jax.linearize(lambda y: model.score(sde, t, y), x)
+        def one(t, x, v, label):
+            s, jvp = jax.linearize(lambda y: _labelled(model, label).score(sde, t, y), x)
             trace = jnp.mean(jax.vmap(lambda vi: jnp.vdot(vi, jvp(vi)))(v))
             return trace + 0.5 * jnp.sum(jnp.square(s))
 
-        return jnp.mean(w * lam * jax.vmap(one)(t, x, v))
+        return jnp.mean(w * lam * jax.vmap(one)(t, x, v, labels))
 
     def _simulate(self, sde: AbstractSDE, x0: Array, t: Array, key: PRNGKeyArray) -> Array:
         """One Euler–Maruyama path from ``x0`` at ``t0`` to ``t``; its end state."""
         path = simulate(_TimeRescaled(sde, t), x0[None], key, [0.0, 1.0], dt0=1 / self.num_steps)
         return path[-1, 0].astype(x0.dtype)
 
+
+
+# -- conditioning ----------------------------------------------------------------------------------
+
+
+class LabelDropout(eqx.Module):
+    """``objective`` on a labelled batch whose labels are each replaced, with probability
+    ``rate``, by the null class ``num_classes``: one network learns ``s(x, t | y)`` and the
+    unconditional ``s(x, t)`` that classifier-free guidance combines (Ho & Salimans 2022).
+    Draws: ``k_drop, k = jax.random.split(key)``; ``objective`` gets ``k``.
+    """
+
+    objective: Callable
+    num_classes: int = eqx.field(static=True)
+    rate: float = 0.1
+
+    def __check_init__(self):
+        if not callable(self.objective):
+            raise TypeError(f"objective must be a loss (model, sde, batch, key) -> scalar, got {self.objective!r}")
+        if not (isinstance(self.num_classes, int) and self.num_classes >= 1):
+            raise ValueError(f"num_classes must be an int ≥ 1, got {self.num_classes!r}")
+        if not 0 <= self.rate < 1:
+            raise ValueError(f"rate must lie in [0, 1), got {self.rate}")
+
+    def __call__(self, model, sde: AbstractSDE, batch, key: PRNGKeyArray) -> Array:
+        x0, labels = _data(batch)
+        if labels is None:
+            raise ValueError("LabelDropout needs a labelled batch (x0, labels)")
+        drop_key, key = jax.random.split(key)
+        dropped = jax.random.bernoulli(drop_key, self.rate, labels.shape)
+        return self.objective(model, sde, (x0, jnp.where(dropped, self.num_classes, labels)), key)
+
+
+class NoisyClassification(eqx.Module):
+    """Cross-entropy of a noise-conditional classifier ``logits = model(t, x_t)`` (e.g.
+    ``sd.Network(sd.MLP(d, out_features=C, ...), sde)``) on noised data ``x_t = α x0 + σ ε``:
+
+        E_t E_{x0, y, ε}[w · (−log softmax(model(t, x_t))_y)],
+
+    minimised by the exact ``log p_t(y | x_t)``, whose gradient is what ``ClassifierGuidance``
+    adds to the score. Draws as in ``DenoisingScoreMatching``.
+    """
+
+    times: AbstractTimeDistribution = UniformTimes()
+
+    def __check_init__(self):
+        _check_types(self.times)
+
+    def __call__(self, model: Callable, sde: AbstractScheduleSDE, batch, key: PRNGKeyArray) -> Array:
+        sde = _schedule(sde, "NoisyClassification")
+        x0, labels = _data(batch)
+        if labels is None:
+            raise ValueError("NoisyClassification needs a labelled batch (x0, labels)")
+        time_key, noise_key = jax.random.split(key)
+        t, w = self.times.sample(sde, time_key, x0.shape[0])
+        eps = jax.random.normal(noise_key, x0.shape, x0.dtype)
+
+        def one(t, x0, eps, label):
+            logits = model(t, sde.alpha(t) * x0 + sde.sigma(t) * eps)
+            return -jax.nn.log_softmax(logits.astype(jnp.result_type(float)))[label]
+
+        return jnp.mean(w * jax.vmap(one)(t, x0, eps, labels))

@@ -132,7 +132,8 @@ class MLP(nnx.Module):
 
         h₁ = W_in x,   h_{k+1} = h_k + W_k SiLU(h_k + cond),   y = W_out SiLU(h_depth + cond).
 
-    ``embedding`` defaults to ``SinusoidalEmbedding(64)``. No normalisation layers: a LayerNorm
+    ``y`` has ``out_features`` entries (default ``dim``; e.g. class logits for a noise-conditional
+    classifier). ``embedding`` defaults to ``SinusoidalEmbedding(64)``. No normalisation layers: a LayerNorm
     discards the amplitude of ``x`` that an ε-prediction ``≈ x/σ`` at large noise needs (on an
     8-component ring its samples were three times further from the data).
     """
@@ -145,11 +146,13 @@ class MLP(nnx.Module):
         depth: int = 3,
         embedding: nnx.Module | None = None,
         num_classes: int | None = None,
+        out_features: int | None = None,
         dtype: DTypeLike = jnp.float32,
         param_dtype: DTypeLike = jnp.float32,
         rngs: nnx.Rngs,
     ):
-        for name, value in (("dim", dim), ("hidden", hidden), ("depth", depth)):
+        out_features = dim if out_features is None else out_features
+        for name, value in (("dim", dim), ("hidden", hidden), ("depth", depth), ("out_features", out_features)):
             if not (isinstance(value, int) and value >= 1):
                 raise ValueError(f"{name} must be an int ≥ 1, got {value!r}")
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -158,7 +161,7 @@ class MLP(nnx.Module):
         self.conditioning = _Conditioning(embedding, hidden, num_classes, **kw)
         self.input = nnx.Linear(dim, hidden, **kw)
         self.linears = nnx.List([nnx.Linear(hidden, hidden, **kw) for _ in range(depth - 1)])
-        self.output = nnx.Linear(hidden, dim, **kw)
+        self.output = nnx.Linear(hidden, out_features, **kw)
 
     def __call__(self, x: Array, c_noise: ArrayLike, label: ArrayLike | None = None) -> Array:
         if x.ndim != 2 or x.shape[1] != self.dim:

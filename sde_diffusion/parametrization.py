@@ -19,7 +19,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jaxtyping import Array, ArrayLike
+from jaxtyping import Array, ArrayLike, PyTree
 
 from .schedule import AbstractScheduleSDE
 from .sde import AbstractSDE
@@ -44,8 +44,10 @@ def noise_level(sde: AbstractSDE, t: ArrayLike) -> Array:
 
 
 class Network(eqx.Module):
-    """A flax NNX network ``net(x, c_noise) -> y`` on batches, as a function ``fn(t, x)`` of one
-    example: ``net(x[None], c[None])[0]`` with ``c = noise_level(sde, t)``, cast to ``x.dtype``.
+    """A flax NNX network ``net(x, c_noise, label) -> y`` on batches, as a function ``fn(t, x)`` of
+    one example: ``net(x[None], c[None], label[None])[0]`` with ``c = noise_level(sde, t)``, cast to
+    ``x.dtype``. ``label`` is one integer class, or ``None``: ``net(x[None], c[None])[0]`` (the null
+    class of a class-conditional net; a net without classes need not take labels). ``sd.with_label`` sets it in every ``Network`` of a model.
 
     Holds the split NNX state (``graphdef`` static, ``state`` a pytree), so a model containing it
     is an ordinary equinox pytree: jit, grad, EMA and checkpoints act on ``state``.
@@ -54,14 +56,16 @@ class Network(eqx.Module):
     graphdef: nnx.GraphDef = eqx.field(static=True)
     state: nnx.State
     sde: AbstractSDE
+    label: Array | None
 
-    def __init__(self, net: nnx.Module, sde: AbstractSDE):
+    def __init__(self, net: nnx.Module, sde: AbstractSDE, label: ArrayLike | None = None):
         if not isinstance(net, nnx.Module):
             raise TypeError(f"Network wraps a flax nnx.Module, got {type(net).__name__}")
         if not isinstance(sde, AbstractSDE):
             raise TypeError(f"sde must be an sde_diffusion SDE, got {type(sde).__name__}")
         self.graphdef, self.state = nnx.split(net)
         self.sde = sde
+        self.label = _as_label(label)
 
     @property
     def module(self) -> nnx.Module:
@@ -71,13 +75,44 @@ class Network(eqx.Module):
     def __call__(self, t: ArrayLike, x: Array) -> Array:
         x = jnp.asarray(x)
         c = noise_level(self.sde, t)
-        return self.module(x[None], c[None])[0].astype(x.dtype)
+        labels = () if self.label is None else (self.label[None],)
+        return self.module(x[None], c[None], *labels)[0].astype(x.dtype)
+
+
+def _as_label(label: ArrayLike | None) -> Array | None:
+    if label is None:
+        return None
+    label = jnp.asarray(label)
+    if label.shape != () or not jnp.issubdtype(label.dtype, jnp.integer):
+        raise ValueError(f"a label is one integer class (or None), got {label!r}")
+    return label.astype(jnp.int32)
+
+
+def with_label(model: PyTree, label: ArrayLike | None) -> PyTree:
+    """``model`` with ``label`` (one integer class, or ``None`` for the null class) in each of its
+    ``Network``s. The label is an array leaf, so a jitted sampler does not recompile per class."""
+    label = _as_label(label)
+    networks = [n for n in jax.tree.leaves(model, is_leaf=_is_network) if _is_network(n)]
+    if not networks:
+        raise TypeError(
+            "with_label acts on the sd.Network inside a model (e.g. sd.EDMPreconditioned(sd.Network(net, sde))); "
+            f"{type(model).__name__} holds none"
+        )
+    return jax.tree.map(
+        lambda n: eqx.tree_at(lambda m: m.label, n, label, is_leaf=lambda v: v is None) if _is_network(n) else n,
+        model,
+        is_leaf=_is_network,
+    )
+
+
+def _is_network(node) -> bool:
+    return isinstance(node, Network)
 
 
 class AbstractPrediction(eqx.Module):
-    """A function ``fn(t, x)`` predicting one quantity; gives ``score`` and ``denoiser``."""
-
-    fn: eqx.AbstractVar[Callable[[Array, Array], Array]]
+    """A model of the data under ``sde``: gives ``score`` and ``denoiser`` of one example. The
+    parametrizations below wrap a function ``fn(t, x)`` predicting one quantity; guidance
+    (``sd.ClassifierFreeGuidance``, ...) wraps other predictions."""
 
     @abc.abstractmethod
     def score(self, sde: AbstractSDE, t: ArrayLike, x: Array) -> Array:

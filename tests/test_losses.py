@@ -354,8 +354,12 @@ def test_batches_configuration_and_sde_checks():
     model = sd.Score(lambda t, x: -x)
     loss = sd.DenoisingScoreMatching()
     labels = jnp.arange(16)
-    # labels are ignored; a plain callable is read as a score
-    assert float(loss(model, sde, (x0, labels), key)) == float(loss(lambda t, x: -x, sde, x0, key))
+    # a plain callable is read as a score; labels need a network to condition
+    assert float(loss(model, sde, x0, key)) == float(loss(lambda t, x: -x, sde, x0, key))
+    with pytest.raises(TypeError, match="sd.Network"):
+        loss(model, sde, (x0, labels), key)
+    with pytest.raises(ValueError, match="labels must be integers"):
+        loss(model, sde, (x0, labels[:3]), key)
     with pytest.raises(ValueError, match=r"\(x0, labels\)"):
         loss(model, sde, (x0, labels, labels), key)
     with pytest.raises(ValueError, match="shape"):
