@@ -49,3 +49,25 @@ def test_train_resume_and_sample_from_the_command_line(tmp_path, monkeypatch):
         cli.sample_command(cli.SampleCommand(run=tmp_path / "missing"))
     with pytest.raises(ValueError, match=".png or .npz"):
         cli.sample_command(cli.SampleCommand(run=run, output=tmp_path / "x.txt"))
+
+
+def test_conditional_training_and_guided_sampling_from_the_command_line(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    _run(monkeypatch, "train", "--out", str(run), "--data", "gaussian_mixture", "--conditional", "--no-progress",
+         "--model.width", "64", "--model.depth", "2", "--train.steps", "600", "--train.checkpoint-every", "600")
+    assert json.loads((run / "run.json").read_text())["model"]["num_classes"] == 8
+    target = np.asarray(sd.gaussian_mixture_oracle().means[2])  # component 2 sits at (0, 1)
+    norms = {}
+    for guidance in ("1", "3"):
+        out = tmp_path / f"class2_w{guidance}.npz"
+        _run(monkeypatch, "sample", "--run", str(run), "--class", "2", "--guidance", guidance, "--n", "500", "--output", str(out))
+        x = np.load(out)["samples"]
+        assert np.linalg.norm(x.mean(axis=0) - target) < 0.3
+        norms[guidance] = float(np.linalg.norm(x.mean(axis=0)))
+    assert norms["3"] > norms["1"]  # guidance pushes samples away from the other classes
+    with pytest.raises(ValueError, match=r"\[0, 7\]"):
+        _run(monkeypatch, "sample", "--run", str(run), "--class", "8", "--n", "8", "--output", str(tmp_path / "x.npz"))
+    with pytest.raises(ValueError, match="need --class"):
+        _run(monkeypatch, "sample", "--run", str(run), "--guidance", "2", "--n", "8", "--output", str(tmp_path / "x.npz"))
+    with pytest.raises(ValueError, match="labelled data"):
+        _run(monkeypatch, "train", "--out", str(tmp_path / "moons"), "--data", "moons", "--conditional", "--no-progress")

@@ -90,3 +90,40 @@ def test_network_applies_the_nnx_module_to_one_example_with_its_noise_level():
     assert np.isfinite(sd.noise_level(sd.VP(), 0.0))
     with pytest.raises(TypeError, match="nnx.Module"):
         sd.Network(lambda x, c: x, sde)
+
+
+def test_with_label_conditions_every_network_without_recompiling():
+    sde = sd.VP()
+    net = sd.MLP(2, hidden=16, depth=2, num_classes=3, rngs=nnx.Rngs(0))
+    model = sd.EDMPreconditioned(sd.Network(net, sde))
+    x, t = jnp.array([0.3, -0.2]), 0.4
+    # the label reaches the network: the class embedding row of that label
+    for label in (0, 2, None):
+        row = 3 if label is None else label
+        expected = net(x[None], sd.noise_level(sde, t)[None], jnp.array([row]))[0]
+        np.testing.assert_allclose(sd.with_label(model, label).fn(t, x), expected, rtol=1e-6)
+    assert sd.with_label(sd.with_label(model, 1), None).fn.label is None
+    # vmapped over labels = one call per label
+    labels = jnp.array([0, 1, 2])
+    batched = jax.vmap(lambda y: sd.with_label(model, y).denoiser(sde, t, x))(labels)
+    for k in range(3):
+        np.testing.assert_allclose(batched[k], sd.with_label(model, k).denoiser(sde, t, x), rtol=1e-5)
+    traces = []
+
+    @jax.jit
+    def denoise(model, x):
+        traces.append(1)
+        return model.denoiser(sde, t, x)
+
+    for label in (0, 1, 2):
+        denoise(sd.with_label(model, label), x)
+    assert len(traces) == 1
+    with pytest.raises(TypeError, match="sd.Network"):
+        sd.with_label(sd.Score(lambda t, x: -x), 1)
+    with pytest.raises(ValueError, match="one integer class"):
+        sd.with_label(model, 1.5)
+    with pytest.raises(ValueError, match="one integer class"):
+        sd.Network(net, sde, label=jnp.array([0, 1]))
+    unconditional = sd.Network(sd.MLP(2, hidden=16, depth=2, rngs=nnx.Rngs(0)), sde)
+    with pytest.raises(ValueError, match="without classes"):
+        sd.with_label(unconditional, 1)(t, x)

@@ -17,3 +17,6 @@ def test_readme_examples_run():
     assert abs(float(namespace["log_p"].mean() - exact)) < 1e-2
     history = namespace["trained"].history
     assert namespace["x0"].shape == (1000, 2) and history[-1]["loss"] < history[0]["loss"]
+    assert namespace["x_class2"].shape == (500, 2) and namespace["guided_info"].nfe == 20
+    assert float(namespace["jnp"].abs(namespace["inpainted"][:, 0] - 0.7).max()) < 0.1
+    assert namespace["truth"].dim == 1
