@@ -4,16 +4,23 @@ A forward SDE with kernel ``x_t | x0 ~ N(A x0, Q)`` maps every component to a Ga
 
     p_t(x) = Σ_k π_k N(x; A μ_k, S_k),      S_k = A C_k Aᵀ + Q,
 
-and score, denoiser ``D(x) = E[x0 | x_t = x]`` and samples are all closed-form.
+and score, denoiser ``D(x) = E[x0 | x_t = x]`` and samples are all closed-form. Conditioning
+stays in the family too, which gives the ground truth of conditional generation: with a class
+label per component, ``p(c | x_t)`` (``class_log_probs``) and ``p0(x | c)`` (``given_class``);
+for observations ``y = A x0 + noise``, ``p(x0 | y)`` (``posterior``); for observed coordinates,
+``p(x0[free] | x0[observed])`` (``conditional``).
 """
 
 from __future__ import annotations
 
 import math
+import operator as _operator
+from collections.abc import Sequence
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, ArrayLike, PRNGKeyArray
 
 from ._checks import check_shape, require
@@ -132,13 +139,18 @@ class GaussianMixture(eqx.Module):
 
     def sample(self, key: PRNGKeyArray, n: int) -> Array:
         """``n`` exact samples, shape ``(n, d)``."""
+        return self.sample_with_components(key, n)[0]
+
+    def sample_with_components(self, key: PRNGKeyArray, n: int) -> tuple[Array, Array]:
+        """``k_i ~ π``, ``x_i ~ N(μ_{k_i}, C_{k_i})``: ``x`` ``(n, d)``, ``k`` ``(n,)`` int32."""
         component_key, noise_key = jax.random.split(key)
         k = jax.random.categorical(component_key, jnp.log(self.weights), shape=(n,))
+        k = k.astype(jnp.int32)
         eps = jax.random.normal(noise_key, (n, self.dim), dtype=self.means.dtype)
         z = jnp.sqrt(self.variances[k]) * eps
         if self.eigenvectors is not None:
             z = jnp.einsum("nij,nj->ni", self.eigenvectors[k], z)
-        return self.means[k] + z
+        return self.means[k] + z, k
 
     # -- marginals under a forward SDE ------------------------------------------------------
 
@@ -175,6 +187,94 @@ class GaussianMixture(eqx.Module):
             )
         s = a @ self._covariances() @ a.T + q
         return GaussianMixture(self.weights, self.means @ a.T, 0.5 * (s + jnp.swapaxes(s, -1, -2)))
+
+    # -- conditioning ------------------------------------------------------------------------
+
+    def select(self, components: Sequence[int]) -> GaussianMixture:
+        """``Σ_{k ∈ I} π_k N(μ_k, C_k) / Σ_{k ∈ I} π_k``, ``I`` = ``components`` (static)."""
+        idx = np.asarray(components)
+        n = len(self.weights)
+        if idx.ndim != 1 or idx.size == 0 or not np.issubdtype(idx.dtype, np.integer):
+            raise ValueError(f"components must be a non-empty sequence of ints, got {components!r}")
+        if idx.min() < 0 or idx.max() >= n or len(set(idx.tolist())) != idx.size:
+            raise ValueError(f"components must be distinct indices in [0, {n}), got {idx.tolist()}")
+        picked = jax.tree_util.tree_map(lambda v: v[idx], self)
+        return eqx.tree_at(lambda m: m.weights, picked, picked.weights / jnp.sum(picked.weights))
+
+    def given_class(self, label: int, classes: Sequence[int] | None = None) -> GaussianMixture:
+        """``p0(x | c = label) = select({k : classes[k] = label})``; None: ``classes[k] = k``."""
+        members = self._class_members(classes)
+        label = _operator.index(label)
+        if not 0 <= label < len(members):
+            raise ValueError(f"label must lie in [0, {len(members)}), got {label}")
+        return self.select(np.flatnonzero(members[label]))
+
+    def class_log_probs(
+        self, sde: SDELike, t: ArrayLike, x: ArrayLike, classes: Sequence[int] | None = None
+    ) -> Array:
+        """The exact noise-conditional classifier, shape ``(C,)``:
+
+            log p(c | x_t = x) = logsumexp_{k : classes[k] = c} log r_k(x),
+            r(x) = softmax_k(log π_k + log N(x; A μ_k, S_k)),
+
+        where component ``k`` has class ``classes[k] ∈ [0, C)``, ``C = max(classes) + 1`` (static;
+        every class needs a component); ``None``: ``classes[k] = k``. At ``t0`` of an SDE with
+        ``A(t0) = I``, ``Q(t0) = 0`` (VP, linear SDEs) the clean-data classifier ``p(c | x0 = x)``.
+        Classifier guidance: ``∇ log p(c | x_t) + ∇ log p_t(x_t) = ∇ log p_t(x_t | c)``.
+        """
+        members = self._class_members(classes)
+        log_r = jax.nn.log_softmax(self._posterior(*self._transition(sde, t), x)[0])
+        return jax.nn.logsumexp(jnp.where(members, log_r, -jnp.inf), axis=-1)
+
+    def posterior(self, operator: ArrayLike, y: ArrayLike, noise_std: ArrayLike) -> GaussianMixture:
+        """``p(x0 | y) ∝ p0(x0) N(y; A x0, s² I)``, ``A = operator`` ``(m, d)``, ``s = noise_std``:
+
+            π_k' ∝ π_k N(y; A μ_k, S_k),   μ_k' = μ_k + C_k Aᵀ S_k⁻¹ (y − A μ_k),
+            C_k' = C_k − C_k Aᵀ S_k⁻¹ A C_k,   S_k = A C_k Aᵀ + s² I.
+        """
+        dtype = self.means.dtype
+        a = jnp.asarray(operator, dtype=dtype)
+        if a.ndim != 2 or a.shape[0] < 1 or a.shape[1] != self.dim:
+            raise ValueError(f"operator has shape {a.shape}, expected (m, {self.dim}), m ≥ 1")
+        m = a.shape[0]
+        y = jnp.asarray(y, dtype=dtype)
+        check_shape(y.shape, (m,), "y")
+        noise_std = jnp.asarray(noise_std, dtype=dtype)
+        check_shape(noise_std.shape, (), "noise_std")
+        require(
+            jnp.isfinite(noise_std) & (noise_std > 0),
+            f"noise_std must be finite and > 0, got {noise_std} (for exact observations of "
+            "coordinates use `conditional`)",
+        )
+        return _mixture(*self._condition(a, noise_std**2 * jnp.eye(m, dtype=dtype), y))
+
+    def conditional(self, mask: ArrayLike, values: ArrayLike) -> GaussianMixture:
+        """``p0(x0[~mask] | x0[mask] = values[mask])``, a mixture over the free coordinates.
+
+        ``mask``: static boolean ``(d,)``, at least one observed and one free coordinate;
+        ``values`` ``(d,)``, its free entries ignored. Per component (``o`` observed, ``f`` free):
+
+            π_k' ∝ π_k N(v_o; μ_k,o, C_k,oo),   μ_k' = μ_k,f + C_k,fo C_k,oo⁻¹ (v_o − μ_k,o),
+            C_k' = C_k,ff − C_k,fo C_k,oo⁻¹ C_k,of     (diagonal C_k: C_k' = C_k,ff, kept diagonal).
+
+        Full vectors (inpainting), ``p`` the result: ``n`` samples of ``x0`` given ``x0[mask]`` are
+        ``jnp.broadcast_to(values, (n, d)).at[:, ~mask].set(p.sample(key, n))``.
+        """
+        mask = np.asarray(mask)
+        if mask.shape != (self.dim,) or mask.dtype != np.bool_:
+            got = f"{mask.dtype} {mask.shape}"
+            raise ValueError(f"mask must be a bool array of shape ({self.dim},), got {got}")
+        if mask.all() or not mask.any():
+            raise ValueError("mask needs at least one observed (True) and one free (False) entry")
+        dtype = self.means.dtype
+        values = jnp.asarray(values, dtype=dtype)
+        check_shape(values.shape, (self.dim,), "values")
+        observe = np.eye(self.dim, dtype=dtype)[mask]  # x0[mask] = E x0, observed exactly (Q = 0)
+        zero = jnp.zeros((len(observe), len(observe)), dtype=dtype)
+        log_weights, means, covs = self._condition(observe, zero, values[mask])
+        free = ~mask
+        covs = self.variances[:, free] if self.eigenvectors is None else covs[:, free][:, :, free]
+        return _mixture(log_weights, means[:, free], covs)
 
     # -- internals --------------------------------------------------------------------------
 
@@ -221,19 +321,60 @@ class GaussianMixture(eqx.Module):
         return log_n, self._rotate(w * r), self._rotate(sigma2 * w * m + alpha * lam * w * y)
 
     def _matrix_posterior(self, a, q, x):
-        """``S_k = A C_k Aᵀ + Q = L Lᵀ``: ``score_k = −S_k⁻¹(x − A μ_k)``,
+        """``score_k = −S_k⁻¹(x − A μ_k)``, ``E[x0 | x, k] = μ_k + C_k Aᵀ S_k⁻¹ (x − A μ_k)``."""
+        log_n, z, gain, _ = self._observe(a, q, x)
+        return log_n, -z, self.means + jnp.einsum("kij,kj->ki", gain, z)
 
-        ``E[x0 | x, k] = μ_k + C_k Aᵀ S_k⁻¹ (x − A μ_k)``.
+    def _observe(self, a: Array, q: Array, y: Array) -> tuple[Array, Array, Array, Array]:
+        """Per component, for ``y = A x0 + η``, ``η ~ N(0, Q)``, ``S_k = A C_k Aᵀ + Q = L_k L_kᵀ``:
+
+        ``log N(y; A μ_k, S_k)``, ``z_k = S_k⁻¹ (y − A μ_k)``, ``G_k = C_k Aᵀ`` and ``L_k``.
         """
-        c = self._covariances()
-        chol = jnp.linalg.cholesky(a @ c @ a.T + q)
-        r = x - self.means @ a.T
+        gain = self._covariances() @ a.T
+        chol = jnp.linalg.cholesky(a @ gain + q)
+        r = y - self.means @ a.T
         z = jax.vmap(lambda l_, r_: jax.scipy.linalg.cho_solve((l_, True), r_))(chol, r)
         logdet = 2 * jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), axis=-1)
-        log_n = -0.5 * (jnp.sum(r * z, axis=-1) + logdet + self.dim * math.log(2 * math.pi))
-        return log_n, -z, self.means + jnp.einsum("kij,kj->ki", c @ a.T, z)
+        log_n = -0.5 * (jnp.sum(r * z, axis=-1) + logdet + y.shape[-1] * math.log(2 * math.pi))
+        return log_n, z, gain, chol
+
+    def _condition(self, a: Array, q: Array, y: Array) -> tuple[Array, Array, Array]:
+        """``x0 | y`` per component (``_observe``'s notation, ``V_k = L_k⁻¹ G_kᵀ``):
+
+            log π_k + log N(y; A μ_k, S_k),   μ_k + G_k z_k,   C_k − G_k S_k⁻¹ G_kᵀ = C_k − V_kᵀV_k.
+        """
+        log_n, z, gain, chol = self._observe(a, q, y)
+        v = jax.scipy.linalg.solve_triangular(chol, jnp.swapaxes(gain, -1, -2), lower=True)
+        cov = self._covariances() - jnp.swapaxes(v, -1, -2) @ v
+        mean = self.means + jnp.einsum("kij,kj->ki", gain, z)
+        return jnp.log(self.weights) + log_n, mean, cov
+
+    def _class_members(self, classes: Sequence[int] | None) -> np.ndarray:
+        """``members[c, k] = (classes[k] == c)``, shape ``(C, K)``; ``None``: the identity."""
+        n = len(self.weights)
+        if classes is None:
+            return np.eye(n, dtype=bool)
+        labels = np.asarray(classes)
+        if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"classes must be {n} ints, one per component, got {labels!r}")
+        if labels.min() < 0:
+            raise ValueError(f"classes must be ≥ 0, got {labels.tolist()}")
+        members = np.arange(labels.max() + 1)[:, None] == labels
+        empty = np.flatnonzero(~members.any(axis=1))
+        if empty.size:
+            raise ValueError(f"classes {empty.tolist()} in [0, {len(members)}) have no component")
+        return members
 
 
 def _average(log_joint: Array, per_component: Array) -> Array:
     """``Σ_k r_k v_k`` with responsibilities ``r = softmax(log π + log N)``."""
     return jax.nn.softmax(log_joint) @ per_component
+
+
+def _mixture(log_weights: Array, means: Array, covariances: Array) -> GaussianMixture:
+    """A mixture from unnormalised log weights (floored at the smallest normal float, as the
+    constructor needs ``π > 0``) and diagonal or (symmetrised) full covariances."""
+    weights = jnp.maximum(jax.nn.softmax(log_weights), jnp.finfo(means.dtype).tiny)
+    if covariances.ndim == 3:
+        covariances = 0.5 * (covariances + jnp.swapaxes(covariances, -1, -2))
+    return GaussianMixture(weights, means, covariances)

@@ -322,3 +322,245 @@ def test_wrong_example_or_sde_dimension_raises():
         gm.marginal_score(sd.VP(), 0.5, jnp.zeros(3))
     with pytest.raises(ValueError, match="transition matrix has shape"):
         gm.denoiser(sd.CriticallyDampedLangevin(n=1), 0.5, jnp.zeros(D))
+
+
+# -- 7. conditioning -----------------------------------------------------------------------------
+
+
+def small_params(kind, dim, seed=5):
+    """K = 3 components in ``dim`` dimensions, stds ≥ 0.2 (resolved by the quadrature grids)."""
+    rng = np.random.default_rng(seed)
+    weights, means = rng.uniform(0.5, 1.5, 3), rng.normal(0, 1.0, (3, dim))
+    if kind == "diagonal":
+        return weights, means, rng.uniform(0.2, 0.6, (3, dim)) ** 2
+    b = rng.normal(size=(3, dim, dim))
+    return weights, means, 0.15 * b @ np.swapaxes(b, -1, -2) + 0.04 * np.eye(dim)
+
+
+def grid_2d(lim=9.0, n=361):
+    grid = np.linspace(-lim, lim, n)
+    return np.stack(np.meshgrid(grid, grid), axis=-1).reshape(-1, 2), (grid[1] - grid[0]) ** 2
+
+
+@jax.jit
+def log_probs(gm, x):
+    """``log p0`` over a batch (quadrature grids): one compilation, not one per eager kernel."""
+    return jax.vmap(gm.log_prob)(x)
+
+
+def test_sample_with_components(x64):
+    gm = full_mixture()
+    x, k = gm.sample_with_components(jax.random.key(0), 20_000)
+    assert x.shape == (20_000, D) and k.shape == (20_000,) and k.dtype == jnp.int32
+    np.testing.assert_array_equal(gm.sample(jax.random.key(0), 20_000), x)
+    weights, means, covs = by_hand_mixture("full", 1.0, 0.0)
+    x, k, n = np.asarray(x), np.asarray(k), len(k)
+    counts = np.bincount(k, minlength=3)
+    freq_se = np.sqrt(weights * (1 - weights) / n)
+    np.testing.assert_array_less(np.abs(counts / n - weights), 5 * freq_se)
+    for j in range(3):
+        mean_se = np.sqrt(np.diag(covs[j]) / counts[j])
+        np.testing.assert_array_less(np.abs(x[k == j].mean(0) - means[j]), 5 * mean_se)
+
+
+def class_log_probs(gm, sde, t, x, classes):
+    return jax.vmap(lambda y: gm.class_log_probs(sde, t, y, classes))(x)
+
+
+def by_bayes(gm, sde, t, x, classes):
+    """``log p(c | x)`` by Bayes from public densities: ``log π_k + log p_t(x | k) − log p_t(x)``,
+    summed over each class's components."""
+    (marginal,) = evaluate(gm, sde, t, x, "marginal_log_prob")
+    log_p_k = [evaluate(gm.select([k]), sde, t, x, "marginal_log_prob")[0] for k in range(3)]
+    per_component = np.log(gm.weights) + np.stack(log_p_k, -1) - np.asarray(marginal)[:, None]
+    labels = np.arange(3) if classes is None else np.asarray(classes)
+    log_p = [logsumexp(per_component[:, labels == c], axis=-1) for c in range(labels.max() + 1)]
+    return np.stack(log_p, -1)
+
+
+@pytest.mark.parametrize("kind", MIXTURES)
+@pytest.mark.parametrize("name", ["VP", "EDM", "LinearSDE"])
+@pytest.mark.parametrize("classes", [None, (0, 1, 0), (1, 1, 0)], ids=["own", "010", "110"])
+def test_class_log_probs_is_bayes(x64, kind, name, classes):
+    gm, (sde, t) = MIXTURES[kind](), SDES[name]
+    x = points(gm, sde, t)
+    log_p = class_log_probs(gm, sde, t, x, classes)
+    assert log_p.shape == (16, 3 if classes is None else 2)
+    np.testing.assert_allclose(log_p, by_bayes(gm, sde, t, x, classes), rtol=1e-9, atol=1e-10)
+    np.testing.assert_allclose(jnp.exp(log_p).sum(-1), 1.0, rtol=1e-12)
+
+
+@pytest.mark.parametrize("kind", MIXTURES)
+@pytest.mark.parametrize("sde", [sd.VP(), LINEAR], ids=["VP", "LinearSDE"])
+def test_class_log_probs_at_t0_is_the_data_classifier(x64, kind, sde):
+    gm, classes = MIXTURES[kind](), (0, 1, 0)
+    x = gm.sample(jax.random.key(0), 16)
+    log_p = class_log_probs(gm, sde, sde.t0, x, classes)
+    members = [[0, 2], [1]]
+    weights = np.asarray(gm.weights)
+    expected = [
+        np.log(weights[ks].sum()) + jax.vmap(gm.given_class(c, classes).log_prob)(x)
+        for c, ks in enumerate(members)
+    ]
+    expected = np.stack(expected, -1) - np.asarray(jax.vmap(gm.log_prob)(x))[:, None]
+    np.testing.assert_allclose(log_p, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", MIXTURES)
+@pytest.mark.parametrize(
+    "sde, t",
+    [(sd.VP(), 0.0), (sd.VP(), 0.2), (sd.VP(), 1.0), (sd.EDM(), 0.05), (sd.EDM(), 20.0)]
+    + [(LINEAR, 0.4)],
+    ids=["VP-0", "VP-0.2", "VP-1", "EDM-0.05", "EDM-20", "LinearSDE"],
+)
+def test_classifier_guidance_identity(x64, kind, sde, t):
+    """``∇ log p_t(c | x) + ∇ log p_t(x) = ∇ log p_t(x | c)``."""
+    gm, classes = MIXTURES[kind](), (0, 1, 0)
+    x = points(gm, sde, t)
+    (score,) = evaluate(gm, sde, t, x, "marginal_score")
+    for c in (0, 1):
+        grad = jax.vmap(jax.grad(lambda y: gm.class_log_probs(sde, t, y, classes)[c]))(x)
+        guided = grad + score
+        (expected,) = evaluate(gm.given_class(c, classes), sde, t, x, "marginal_score")
+        np.testing.assert_allclose(guided, expected, rtol=1e-8, atol=1e-8 * np.abs(expected).max())
+
+
+def test_select_and_given_class():
+    gm = full_mixture()
+    part, idx = gm.select([2, 0]), np.array([2, 0])
+    np.testing.assert_allclose(part.weights, gm.weights[idx] / gm.weights[idx].sum())
+    np.testing.assert_array_equal(part.means, gm.means[idx])
+    np.testing.assert_array_equal(part.eigenvectors, gm.eigenvectors[idx])
+    assert gm.given_class(1).means.shape == (1, D)
+    class_0 = gm.given_class(0, np.array([0, 1, 0]))
+    np.testing.assert_array_equal(class_0.means, gm.select([0, 2]).means)
+
+
+@pytest.mark.parametrize("kind", MIXTURES)
+@pytest.mark.parametrize(
+    "operator, y, noise_std",
+    [([[1.0, -0.7]], [0.4], 0.3), ([[0.5, 1.0], [1.0, 0.2], [-0.3, 0.8]], [1.0, -0.5, 0.2], 0.5)],
+    ids=["m=1", "m=3"],
+)
+def test_posterior_is_bayes(x64, kind, operator, y, noise_std):
+    """``log p(x0 | y) = log p0(x0) + log N(y; A x0, s² I) − log Z``, ``Z`` by 2-D quadrature."""
+    gm = sd.GaussianMixture(*small_params(kind, 2))
+    operator, y = np.asarray(operator), np.asarray(y)
+    post = jax.jit(lambda gm, y, s: gm.posterior(operator, y, s))(gm, y, noise_std)
+    noise = multivariate_normal(np.zeros(len(y)), noise_std**2 * np.eye(len(y)))
+
+    def unnormalised(x0):
+        return np.asarray(log_probs(gm, x0)) + noise.logpdf(y - x0 @ operator.T)
+
+    grid, area = grid_2d()
+    log_z = logsumexp(unnormalised(grid)) + np.log(area)
+    x0 = np.random.default_rng(0).normal(0, 1.5, (16, 2))
+    np.testing.assert_allclose(log_probs(post, x0) - unnormalised(x0), -log_z, rtol=1e-8)
+    np.testing.assert_allclose(jnp.exp(log_probs(post, grid)).sum() * area, 1.0, rtol=1e-8)
+
+
+@pytest.mark.parametrize("kind", MIXTURES)
+@pytest.mark.parametrize("observed", [0, 1])
+def test_conditional_is_normalised_slice(x64, kind, observed):
+    """``p(x_free | x_obs = v) = p0(x) / ∫ p0 dx_free``, the integral by 1-D quadrature."""
+    gm = sd.GaussianMixture(*small_params(kind, 2))
+    mask = np.arange(2) == observed
+    values = np.where(mask, 0.3, np.nan)  # free entries are ignored
+    cond = gm.conditional(mask, values)
+    assert cond.dim == 1 and (cond.eigenvectors is None) == (kind == "diagonal")
+    free = np.linspace(-10, 10, 2001)
+    x = np.zeros((len(free), 2))
+    x[:, observed], x[:, 1 - observed] = 0.3, free
+    log_p0 = np.asarray(log_probs(gm, x))
+    expected = log_p0 - logsumexp(log_p0) - np.log(free[1] - free[0])
+    np.testing.assert_allclose(log_probs(cond, free[:, None]), expected, rtol=1e-9)
+
+
+@pytest.mark.parametrize("kind", MIXTURES)
+@pytest.mark.parametrize("mask", ["TFTF", "FTTF"])
+def test_conditional_is_noiseless_posterior(x64, kind, mask):
+    """Observing ``x0[mask]`` exactly: the limit ``s → 0`` of ``posterior`` with selection rows."""
+    gm, mask = MIXTURES[kind](), np.array([m == "T" for m in mask])
+    values = np.array([0.3, -0.8, 1.1, 0.2])
+    cond = gm.conditional(mask, values)
+    post = gm.posterior(np.eye(D)[mask], values[mask], 1e-4)
+    np.testing.assert_allclose(cond.weights, post.weights, rtol=1e-5, atol=1e-12)
+    np.testing.assert_allclose(cond.means, post.means[:, ~mask], rtol=1e-5, atol=1e-7)
+    for k in range(3):
+        c_k = post.select([k]).covariance()[np.ix_(~mask, ~mask)]
+        np.testing.assert_allclose(cond.select([k]).covariance(), c_k, rtol=1e-5, atol=1e-7)
+
+
+def test_conditional_inpainting_samples(x64):
+    """Assembling full vectors: observed entries kept, free ones distributed as the conditional."""
+    gm, mask = full_mixture(), np.array([True, False, False, True])
+    values = jnp.array([0.5, 0.0, 0.0, -1.0])
+    cond = gm.conditional(mask, values)
+    free = cond.sample(jax.random.key(0), 20_000)
+    x = jnp.broadcast_to(values, (20_000, D)).at[:, ~mask].set(free)
+    np.testing.assert_array_equal(x[:, mask], np.broadcast_to(values[mask], (20_000, 2)))
+    assert_moments(x[:, ~mask], cond.mean(), cond.covariance())
+
+
+def test_conditioning_jit_float32_matches_float64():
+    """Traced ``t, x, y, values`` (static classes, operator, mask); float32 ≈ float64 to ~1e-4."""
+    sde, classes, mask = sd.VP(), (0, 1, 0), np.array([True, False, True, False])
+    operator = np.array([[1.0, 0.5, 0.0, -0.3], [0.0, 1.0, 1.0, 0.2]])
+
+    def conditioning(gm, t, x, y, values):
+        post, cond = gm.posterior(operator, y, 0.2), gm.conditional(mask, values)
+        log_p = gm.class_log_probs(sde, t, x, classes)
+        return log_p, post.weights, post.means, cond.weights, cond.means
+
+    results = []
+    for x64 in (False, True):
+        with jax.enable_x64(x64):
+            gm = full_mixture()
+            args = (jnp.asarray(0.4), jnp.array([0.3, -0.2, 0.8, 0.1]), jnp.array([0.5, -0.4]))
+            results.append(jax.jit(conditioning)(gm, *args, jnp.array([0.2, 0.0, -0.6, 0.0])))
+    for lo, hi in zip(*results):
+        assert lo.dtype == jnp.float32 and hi.dtype == jnp.float64
+        np.testing.assert_allclose(lo, hi, rtol=1e-4, atol=1e-5)
+
+
+def test_far_observation_keeps_valid_weights(x64):
+    """Underflowing weights are floored at the smallest normal float (the constructor needs > 0)."""
+    gm = sd.GaussianMixture(*small_params("diagonal", 2))
+    cond = gm.conditional(np.array([True, False]), jnp.array([200.0, 0.0]))
+    assert np.sum(cond.weights == np.finfo(np.float64).tiny) == 2 and cond.weights[0] == 1
+    assert np.all(np.isfinite(log_probs(cond, jnp.zeros((1, 1)))))
+
+
+A2, Y2, X = np.ones((2, D)), np.zeros(2), np.zeros(D)
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda gm: gm.posterior(np.ones((2, 3)), Y2, 0.1), r"operator has shape \(2, 3\)"),
+        (lambda gm: gm.posterior(np.ones(D), np.zeros(1), 0.1), r"expected \(m, 4\)"),
+        (lambda gm: gm.posterior(np.ones((0, D)), np.zeros(0), 0.1), "m ≥ 1"),
+        (lambda gm: gm.posterior(A2, np.zeros(3), 0.1), r"y has shape \(3,\), expected \(2,\)"),
+        (lambda gm: gm.posterior(A2, Y2, 0.0), "noise_std must be .*> 0.*use `conditional`"),
+        (lambda gm: gm.posterior(A2, Y2, -1.0), "noise_std must be .*> 0"),
+        (lambda gm: gm.posterior(A2, Y2, np.ones(2)), "noise_std has shape"),
+        (lambda gm: gm.conditional(np.ones(D, bool), X), "at least one observed"),
+        (lambda gm: gm.conditional(np.zeros(D, bool), X), "one free"),
+        (lambda gm: gm.conditional(np.array([1, 0, 1, 0]), X), "mask must be a bool array"),
+        (lambda gm: gm.conditional(np.array([True, False]), X), r"of shape \(4,\)"),
+        (lambda gm: gm.conditional(np.array([True, False] * 2), np.zeros(3)), "values has shape"),
+        (lambda gm: gm.class_log_probs(sd.VP(), 0.5, X, (0, 1)), "classes must be 3 ints"),
+        (lambda gm: gm.class_log_probs(sd.VP(), 0.5, X, (0.0, 1.0, 0.0)), "3 ints"),
+        (lambda gm: gm.class_log_probs(sd.VP(), 0.5, X, (0, -1, 0)), "classes must be ≥ 0"),
+        (lambda gm: gm.class_log_probs(sd.VP(), 0.5, X, (0, 2, 0)), r"\[1\] .*no component"),
+        (lambda gm: gm.given_class(2, (0, 1, 0)), r"label must lie in \[0, 2\), got 2"),
+        (lambda gm: gm.given_class(3), r"label must lie in \[0, 3\)"),
+        (lambda gm: gm.select([3]), r"distinct indices in \[0, 3\)"),
+        (lambda gm: gm.select([-1]), "distinct indices"),
+        (lambda gm: gm.select([0, 0]), "distinct indices"),
+        (lambda gm: gm.select([]), "non-empty sequence of ints"),
+    ],
+)
+def test_bad_conditioning_input_raises(call, match):
+    with pytest.raises(ValueError, match=match):
+        call(diagonal_mixture())
