@@ -14,7 +14,10 @@ fold_in(fold_in(key(seed), restorations), k)``:
 and if ``ℓ`` or ``‖g‖`` is not finite, ``θ``, the optimiser state and ``e`` stay unchanged (the step
 is skipped and counted). After ``max_bad_steps`` consecutive skipped steps the latest checkpoint
 is restored and training goes on with fresh keys (the restoration count enters ``key_k``); without
-a checkpoint, or after ``max_restorations`` restorations, a ``RuntimeError`` stops the run.
+a checkpoint, or after ``max_restorations`` restorations, a ``RuntimeError`` stops the run. The host
+does not wait for each step: it dispatches up to 32 steps ahead (preparing the next batch while a
+step computes) and reads their metrics at the next log, checkpoint, sample or 32nd step, in order,
+so a bad streak is acted on there and the steps dispatched after it are dropped.
 
 The default optimiser is Adam (AdamW when ``weight_decay > 0``) after clipping the global gradient
 norm to ``grad_clip``, with learning rate ``η_n = η min(1, (n + 1)/W)`` at update ``n``: a linear
@@ -384,6 +387,8 @@ def _global_batch(data: Any, step: int, batch_size: int, sharding: NamedSharding
         leaf = leaf.astype(jax.dtypes.canonicalize_dtype(leaf.dtype), copy=False)
         if leaf.shape[:1] != (batch_size,):
             raise ValueError(f"data.batch({step}, {batch_size}) gave an array of shape {leaf.shape}")
+        if jax.process_count() == 1:
+            return jax.device_put(leaf, sharding)
         rows = [index[0] for index in sharding.addressable_devices_indices_map(leaf.shape).values()]
         start = min(r.start or 0 for r in rows)
         stop = max(batch_size if r.stop is None else r.stop for r in rows)
@@ -445,6 +450,10 @@ def _make_step(objective: Objective, optimizer: optax.GradientTransformation, st
         return new, metrics
 
     return step_fn
+
+
+_MAX_PENDING = 32
+"""Steps the host may dispatch before reading their metrics (non-finite guard, progress, log)."""
 
 
 class _Window:
@@ -538,6 +547,7 @@ def train(
     step, num_skipped, num_restored, saved_step, consecutive_bad = 0, 0, 0, None, 0
     history: list[dict[str, Any]] = []
     checkpoints = log = bar = None
+    pending: list[dict[str, Array]] = []  # metrics of dispatched steps not yet read
 
     def save():
         nonlocal saved_step
@@ -561,12 +571,16 @@ def train(
         log = _MetricsLog(log_path) if log_path is not None and main else None
         bar = tqdm(total=config.steps, initial=step, disable=not (progress and main), desc="train", dynamic_ncols=True)
         window = _Window()
-        with _Interrupt() as interrupt:
-            while step < config.steps:
-                batch = _global_batch(data, step, config.batch_size, batch_sharding)
-                state, metrics = step_fn(state, frozen, train_root, np.int32(num_restored), np.int32(step), batch)
-                metrics = jax.device_get(metrics)
-                step += 1
+
+        def settle() -> bool:
+            """Read the pending metrics in step order (one device sync): count, log, and restore
+            the latest checkpoint after a bad streak (the steps dispatched after it are dropped).
+            Returns whether it restored."""
+            nonlocal state, step, saved_step, num_skipped, num_restored, consecutive_bad, window
+            first = step - len(pending) + 1
+            values = jax.device_get(pending)
+            pending.clear()
+            for at, metrics in enumerate(values, start=first):
                 bar.update(1)
                 window.add(metrics)
                 consecutive_bad = 0 if metrics["ok"] else consecutive_bad + 1
@@ -576,12 +590,12 @@ def train(
                     if latest is None:
                         raise RuntimeError(
                             f"{consecutive_bad} consecutive steps with a non-finite loss or gradient (up to "
-                            f"step {step}) and no checkpoint to restore; lower the learning rate, clip "
+                            f"step {at}) and no checkpoint to restore; lower the learning rate, clip "
                             "gradients or check the data and objective"
                         )
                     if num_restored >= config.max_restorations:
                         raise RuntimeError(
-                            f"{consecutive_bad} consecutive non-finite steps (up to step {step}) after "
+                            f"{consecutive_bad} consecutive non-finite steps (up to step {at}) after "
                             f"{num_restored} restorations of the latest checkpoint: giving up"
                         )
                     trees, _ = checkpoints.restore(latest, state._asdict())
@@ -591,21 +605,38 @@ def train(
                         f"{config.max_bad_steps} consecutive non-finite steps: restored the checkpoint of "
                         f"step {latest} (restoration {num_restored})",
                         RuntimeWarning,
-                        stacklevel=2,
+                        stacklevel=3,
                     )
                     bar.n, window = step, _Window()
-                    continue
-                if step % config.log_every == 0 or step == config.steps:
-                    record = window.record(step)
+                    return True
+                if at % config.log_every == 0 or at == config.steps:
+                    record = window.record(at)
                     history.append(record)
                     if log is not None:
                         log.write(record)
                     if record["loss"] is not None:
                         bar.set_postfix(loss=f"{record['loss']:.4g}", steps_per_s=f"{record['steps_per_s']:.1f}")
                     window = _Window()
-                if step % config.checkpoint_every == 0:
+            return False
+
+        with _Interrupt() as interrupt:
+            while step < config.steps:
+                batch = _global_batch(data, step, config.batch_size, batch_sharding)
+                state, metrics = step_fn(state, frozen, train_root, np.int32(num_restored), np.int32(step), batch)
+                step += 1
+                pending.append(metrics)
+                sampling = config.sample_every and step % config.sample_every == 0
+                checkpointing = step % config.checkpoint_every == 0
+                if not (
+                    checkpointing or sampling or interrupt.requested or step == config.steps
+                    or step % config.log_every == 0 or len(pending) >= _MAX_PENDING
+                ):
+                    continue  # the host runs ahead: the next batch is prepared while this step computes
+                if settle():
+                    continue
+                if checkpointing:
                     save()
-                if config.sample_every and step % config.sample_every == 0:
+                if sampling:
                     samples = sample_fn(eqx.combine(state.ema, rest), jax.random.fold_in(sample_root, step))
                     if isinstance(samples, jax.Array) and not samples.is_fully_addressable:
                         samples = multihost_utils.process_allgather(samples, tiled=True)
@@ -616,6 +647,7 @@ def train(
             save()
     except KeyboardInterrupt:
         if not any(x.is_deleted() for x in jax.tree.leaves(state)):
+            num_skipped += sum(not m["ok"] for m in jax.device_get(pending))
             save()
         raise
     finally:
