@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, PRNGKeyArray
 
 from .linear import AbstractLinearSDE, CriticallyDampedLangevin
-from .parametrization import AbstractPrediction, Noise, Score, as_prediction, with_label
+from .parametrization import AbstractPrediction, Noise, Score, as_prediction, predict_batch, with_label
 from .schedule import AbstractScheduleSDE
 from .sde import AbstractSDE
 from .simulate import simulate
@@ -60,7 +60,7 @@ def _data(batch: ArrayLike | tuple[ArrayLike, ArrayLike]) -> tuple[Array, Array 
 
 
 def _labelled(model, label: Array | None):
-    """The model of one example: ``model`` itself, or conditioned on its ``label``."""
+    """``model`` itself, or conditioned on ``label`` (one class, or one per example of a batch)."""
     return model if label is None else with_label(model, label)
 
 
@@ -225,23 +225,27 @@ class LogNormalNoise(AbstractTimeDistribution):
 # -- denoising score matching --------------------------------------------------------------------
 
 
-def _score_error(
+def _score_errors(
     model: AbstractPrediction, sde: AbstractScheduleSDE, t: Array, x0: Array, eps: Array
 ) -> tuple[Array, Array]:
-    """``x_t = α x0 + σ ε`` and ``‖s_θ(x_t) − s_cond‖²``, ``s_cond = −ε/σ``, computed in the model's
-    own output space, so that no prediction passes through a cancelling conversion:
+    """On a batch: ``x_t = α x0 + σ ε`` and ``‖s_θ(x_t) − s_cond‖²`` per example,
+    ``s_cond = −ε/σ``, computed in the model's own output space, so that no prediction passes
+    through a cancelling conversion:
 
         Noise: ``s − s_cond = −(ε̂ − ε)/σ``;    Score: ``s + ε/σ``;
         any other (Denoiser, Velocity, EDMPreconditioned): ``s − s_cond = α/σ² (D − x0)``.
+
+    A parametrization's network is called once on the batch (``predict_batch``).
     """
-    alpha, sigma = sde.alpha(t), sde.sigma(t)
-    x = alpha * x0 + sigma * eps
+    alpha, sigma, sigma2 = (jax.vmap(f)(t) for f in (sde.alpha, sde.sigma, sde.sigma2))
+    expand = lambda v: v.reshape(v.shape + (1,) * (x0.ndim - 1))  # noqa: E731
+    squared_norm = lambda v: jnp.sum(jnp.square(v).reshape(v.shape[0], -1), axis=1)  # noqa: E731
+    x = expand(alpha) * x0 + expand(sigma) * eps
     if isinstance(model, Noise):
-        return x, jnp.sum(jnp.square(model.fn(t, x) - eps)) / sigma**2
+        return x, squared_norm(model.output(t, x) - eps) / sigma**2
     if isinstance(model, Score):
-        return x, jnp.sum(jnp.square(model.score(sde, t, x) + eps / sigma))
-    error = jnp.sum(jnp.square(model.denoiser(sde, t, x) - x0))
-    return x, error * (alpha / sde.sigma2(t)) ** 2
+        return x, squared_norm(model.output(t, x) + eps / expand(sigma))
+    return x, squared_norm(predict_batch(model, "denoiser", sde, t, x) - x0) * (alpha / sigma2) ** 2
 
 
 def _check_types(times, weighting=None) -> None:
@@ -279,11 +283,9 @@ class DenoisingScoreMatching(eqx.Module):
         t, w = self.times.sample(sde, time_key, x0.shape[0])
         eps = jax.random.normal(noise_key, x0.shape, x0.dtype)
 
-        def one(t, x0, eps, label):
-            x, error = _score_error(_labelled(model, label), sde, t, x0, eps)
-            return self.weighting.weight(sde, t, x) * error
-
-        return jnp.mean(w * jax.vmap(one)(t, x0, eps, labels))
+        x, errors = _score_errors(_labelled(model, labels), sde, t, x0, eps)
+        weights = jax.vmap(self.weighting.weight, in_axes=(None, 0, 0))(sde, t, x)
+        return jnp.mean(w * weights * errors)
 
 
 def _initial_moments(sde: AbstractLinearSDE, x0: Array) -> tuple[Array, Array]:

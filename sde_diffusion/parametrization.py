@@ -74,23 +74,34 @@ class Network(eqx.Module):
 
     def __call__(self, t: ArrayLike, x: Array) -> Array:
         x = jnp.asarray(x)
+        if self.label is not None and self.label.ndim:
+            raise ValueError("a Network with a batch of labels is evaluated on batches (Network.batch)")
         c = noise_level(self.sde, t)
         labels = () if self.label is None else (self.label[None],)
         return self.module(x[None], c[None], *labels)[0].astype(x.dtype)
+
+    def batch(self, t: Array, x: Array) -> Array:
+        """``fn`` on a batch, ``t (B,)`` and ``x (B, ...)``, in one network call: the same values as
+        ``jax.vmap(fn)``, whose gradient is 1.2× slower on CPU (size-1 batch axes under ``vmap``)."""
+        x = jnp.asarray(x)
+        c = jax.vmap(lambda s: noise_level(self.sde, s))(t)
+        labels = () if self.label is None else (jnp.broadcast_to(self.label, c.shape),)
+        return self.module(x, c, *labels).astype(x.dtype)
 
 
 def _as_label(label: ArrayLike | None) -> Array | None:
     if label is None:
         return None
     label = jnp.asarray(label)
-    if label.shape != () or not jnp.issubdtype(label.dtype, jnp.integer):
-        raise ValueError(f"a label is one integer class (or None), got {label!r}")
+    if label.ndim > 1 or not jnp.issubdtype(label.dtype, jnp.integer):
+        raise ValueError(f"a label is one integer class (or a batch (B,) of them, or None), got {label!r}")
     return label.astype(jnp.int32)
 
 
 def with_label(model: PyTree, label: ArrayLike | None) -> PyTree:
     """``model`` with ``label`` (one integer class, or ``None`` for the null class) in each of its
-    ``Network``s. The label is an array leaf, so a jitted sampler does not recompile per class."""
+    ``Network``s. The label is an array leaf, so a jitted sampler does not recompile per class. A
+    batch of labels ``(B,)`` goes with batch evaluation (``predict_batch``), as in the losses."""
     label = _as_label(label)
     networks = [n for n in jax.tree.leaves(model, is_leaf=_is_network) if _is_network(n)]
     if not networks:
@@ -111,8 +122,8 @@ def _is_network(node) -> bool:
 
 class AbstractPrediction(eqx.Module):
     """A model of the data under ``sde``: gives ``score`` and ``denoiser`` of one example. The
-    parametrizations below wrap a function ``fn(t, x)`` predicting one quantity; guidance
-    (``sd.ClassifierFreeGuidance``, ...) wraps other predictions."""
+    parametrizations (``AbstractParametrization``) wrap a function ``fn(t, x)`` predicting one
+    quantity; guidance (``sd.ClassifierFreeGuidance``, ...) wraps other predictions."""
 
     @abc.abstractmethod
     def score(self, sde: AbstractSDE, t: ArrayLike, x: Array) -> Array:
@@ -123,49 +134,84 @@ class AbstractPrediction(eqx.Module):
         """``D(x, t) = E[x0 | x_t = x]``."""
 
 
-class Score(AbstractPrediction):
+class AbstractParametrization(AbstractPrediction):
+    """A prediction made by ``fn``. Its ``score`` and ``denoiser`` also take a batch, ``t (B,)`` and
+    ``x (B, ...)``: the same values as ``jax.vmap`` over examples, with a ``Network`` called once on
+    the batch (``predict_batch`` uses this)."""
+
+    fn: eqx.AbstractVar[Callable[[Array, Array], Array]]
+
+    def output(self, t: Array, x: Array) -> Array:
+        """``fn(t, x)`` on one example or a batch (one call of a ``Network``, else ``vmap``)."""
+        if jnp.ndim(t) == 0:
+            return self.fn(t, x)
+        if isinstance(self.fn, Network):
+            return self.fn.batch(t, x)
+        return jax.vmap(self.fn)(t, x)
+
+
+def _coefficient(f: Callable[[Array], Array], t: ArrayLike, x: Array) -> Array:
+    """``f(t)`` for one example, or ``f`` per example of a batch (``t`` of shape ``(B,)``) shaped
+    to broadcast against ``x (B, ...)``."""
+    t = jnp.asarray(t, dtype=jnp.result_type(float))
+    if t.ndim == 0:
+        return f(t)
+    return jax.tree.map(lambda v: v.reshape(v.shape + (1,) * (jnp.ndim(x) - v.ndim)), jax.vmap(f)(t))
+
+
+def predict_batch(model: AbstractPrediction, what: str, sde: AbstractSDE, t: Array, x: Array) -> Array:
+    """``model.score`` (``what="score"``) or ``model.denoiser`` on a batch ``t (B,)``, ``x (B, ...)``:
+    one network call for a parametrization, ``jax.vmap`` over examples for any other prediction."""
+    if isinstance(model, AbstractParametrization):
+        return getattr(model, what)(sde, t, x)
+    return jax.vmap(getattr(model, what), in_axes=(None, 0, 0))(sde, t, x)
+
+
+class Score(AbstractParametrization):
     """``fn`` predicts ``∇ log p_t``; works with any SDE (denoiser: schedule SDEs only)."""
 
     fn: Callable[[Array, Array], Array]
 
     def score(self, sde, t, x):
-        return self.fn(t, x)
+        return self.output(t, x)
 
     def denoiser(self, sde, t, x):
         sde = _schedule(sde, "the denoiser of a score")
-        return (x + sde.sigma2(t) * self.fn(t, x)) / sde.alpha(t)
+        sigma2, alpha = _coefficient(sde.sigma2, t, x), _coefficient(sde.alpha, t, x)
+        return (x + sigma2 * self.output(t, x)) / alpha
 
 
 def _score_of_denoiser(sde: AbstractScheduleSDE, t: ArrayLike, x: Array, denoised: Array) -> Array:
-    return (sde.alpha(t) * denoised - x) / sde.sigma2(t)
+    return (_coefficient(sde.alpha, t, x) * denoised - x) / _coefficient(sde.sigma2, t, x)
 
 
-class Denoiser(AbstractPrediction):
+class Denoiser(AbstractParametrization):
     """``fn`` predicts ``D = E[x0 | x_t]`` (x0-prediction)."""
 
     fn: Callable[[Array, Array], Array]
 
     def score(self, sde, t, x):
-        return _score_of_denoiser(_schedule(sde, "a denoiser"), t, x, self.fn(t, x))
+        return _score_of_denoiser(_schedule(sde, "a denoiser"), t, x, self.output(t, x))
 
     def denoiser(self, sde, t, x):
-        return self.fn(t, x)
+        return self.output(t, x)
 
 
-class Noise(AbstractPrediction):
+class Noise(AbstractParametrization):
     """``fn`` predicts the noise ``ε`` (ε-prediction)."""
 
     fn: Callable[[Array, Array], Array]
 
     def score(self, sde, t, x):
-        return -self.fn(t, x) / _schedule(sde, "an ε-prediction").sigma(t)
+        return -self.output(t, x) / _coefficient(_schedule(sde, "an ε-prediction").sigma, t, x)
 
     def denoiser(self, sde, t, x):
         sde = _schedule(sde, "an ε-prediction")
-        return (x - sde.sigma(t) * self.fn(t, x)) / sde.alpha(t)
+        sigma, alpha = _coefficient(sde.sigma, t, x), _coefficient(sde.alpha, t, x)
+        return (x - sigma * self.output(t, x)) / alpha
 
 
-class Velocity(AbstractPrediction):
+class Velocity(AbstractParametrization):
     """``fn`` predicts ``v = α' x0 + σ' ε``; with ``x = α x0 + σ ε`` and ``det = α σ' − σ α'``:
 
     ``D = (σ' x − σ v)/det``.
@@ -178,13 +224,17 @@ class Velocity(AbstractPrediction):
 
     def denoiser(self, sde, t, x):
         sde = _schedule(sde, "a velocity")
-        t = jnp.asarray(t, dtype=jnp.result_type(float))
-        alpha, dalpha = jax.jvp(sde.alpha, (t,), (jnp.ones_like(t),))
-        sigma, dsigma = jax.jvp(sde.sigma, (t,), (jnp.ones_like(t),))
-        return (dsigma * x - sigma * self.fn(t, x)) / (alpha * dsigma - sigma * dalpha)
+
+        def coefficients(s):
+            alpha, dalpha = jax.jvp(sde.alpha, (s,), (jnp.ones_like(s),))
+            sigma, dsigma = jax.jvp(sde.sigma, (s,), (jnp.ones_like(s),))
+            return dsigma, sigma, alpha * dsigma - sigma * dalpha
+
+        dsigma, sigma, det = _coefficient(coefficients, t, x)
+        return (dsigma * x - sigma * self.output(t, x)) / det
 
 
-class EDMPreconditioned(AbstractPrediction):
+class EDMPreconditioned(AbstractParametrization):
     """EDM preconditioning (Karras et al. 2022), on ``x̂ = x/α`` with ``σ̃ = σ/α`` for any schedule:
 
         D = c_skip x̂ + c_out fn(t, c_in x̂),   c_skip = σd²/(σ̃² + σd²),
@@ -206,12 +256,12 @@ class EDMPreconditioned(AbstractPrediction):
 
     def denoiser(self, sde, t, x):
         sde = _schedule(sde, "EDM preconditioning")
-        alpha = sde.alpha(t)
-        x_hat, sigma = x / alpha, sde.sigma(t) / alpha
+        alpha = _coefficient(sde.alpha, t, x)
+        x_hat, sigma = x / alpha, _coefficient(sde.sigma, t, x) / alpha
         norm2 = sigma**2 + self.sigma_data**2
         c_skip = self.sigma_data**2 / norm2
         c_out = sigma * self.sigma_data * jax.lax.rsqrt(norm2)
-        return c_skip * x_hat + c_out * self.fn(t, x_hat * jax.lax.rsqrt(norm2))
+        return c_skip * x_hat + c_out * self.output(t, x_hat * jax.lax.rsqrt(norm2))
 
 
 def as_prediction(model: AbstractPrediction | Callable[[Array, Array], Array]) -> AbstractPrediction:

@@ -103,11 +103,13 @@ def test_with_label_conditions_every_network_without_recompiling():
         expected = net(x[None], sd.noise_level(sde, t)[None], jnp.array([row]))[0]
         np.testing.assert_allclose(sd.with_label(model, label).fn(t, x), expected, rtol=1e-6)
     assert sd.with_label(sd.with_label(model, 1), None).fn.label is None
-    # vmapped over labels = one call per label
+    # vmapped over labels, or a batch of labels on a batch = one call per label
     labels = jnp.array([0, 1, 2])
     batched = jax.vmap(lambda y: sd.with_label(model, y).denoiser(sde, t, x))(labels)
+    on_batch = sd.with_label(model, labels).denoiser(sde, jnp.full(3, t), jnp.stack([x] * 3))
     for k in range(3):
         np.testing.assert_allclose(batched[k], sd.with_label(model, k).denoiser(sde, t, x), rtol=1e-5)
+        np.testing.assert_allclose(on_batch[k], batched[k], rtol=1e-5)
     traces = []
 
     @jax.jit
@@ -123,7 +125,25 @@ def test_with_label_conditions_every_network_without_recompiling():
     with pytest.raises(ValueError, match="one integer class"):
         sd.with_label(model, 1.5)
     with pytest.raises(ValueError, match="one integer class"):
-        sd.Network(net, sde, label=jnp.array([0, 1]))
+        sd.Network(net, sde, label=jnp.zeros((2, 2), int))
+    with pytest.raises(ValueError, match="batch of labels"):
+        sd.Network(net, sde, label=jnp.array([0, 1]))(t, x)
     unconditional = sd.Network(sd.MLP(2, hidden=16, depth=2, rngs=nnx.Rngs(0)), sde)
     with pytest.raises(ValueError, match="without classes"):
         sd.with_label(unconditional, 1)(t, x)
+
+
+@pytest.mark.parametrize("prediction", [sd.Score, sd.Denoiser, sd.Noise, sd.Velocity, sd.EDMPreconditioned])
+def test_parametrizations_on_a_batch_equal_vmap_over_examples(prediction):
+    """One network call on the batch (``Network.batch``) gives what vmap over examples gives; so does
+    a plain per-example function, which is vmapped."""
+    sde = sd.VP()
+    net = sd.MLP(2, hidden=16, depth=2, rngs=nnx.Rngs(0))
+    t = jnp.array([0.01, 0.3, 0.7, 1.0])
+    x = jax.random.normal(jax.random.key(0), (4, 2))
+    for fn in (sd.Network(net, sde), lambda s, y: jnp.sin(y) * s):
+        model = prediction(fn)
+        for what in ("score", "denoiser"):
+            expected = jax.vmap(getattr(model, what), in_axes=(None, 0, 0))(sde, t, x)
+            np.testing.assert_allclose(getattr(model, what)(sde, t, x), expected, rtol=2e-5, atol=1e-6)
+            np.testing.assert_allclose(sd.parametrization.predict_batch(model, what, sde, t, x), expected, rtol=2e-5, atol=1e-6)
