@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from .multistep import dpm_solver_pp_weights
-from .sample import AbstractSamplingMethod, SampleInfo
+from .sample import AbstractSamplingMethod, SampleInfo, ends_at_zero_noise
 from .schedule import AbstractScheduleSDE
 
 
@@ -35,9 +35,8 @@ class AdaptiveDPMSolverPP(AbstractSamplingMethod):
     def __call__(self, sde, model, key, x_start, t_start, t_end):
         if not isinstance(sde, AbstractScheduleSDE):
             raise TypeError(f"AdaptiveDPMSolverPP needs a ScheduleSDE, got {type(sde).__name__}")
-        with jax.ensure_compile_time_eval():
-            if not bool(sde.sigma(t_end) > 0):
-                raise ValueError("AdaptiveDPMSolverPP needs σ(t_end) > 0 (finite log-SNR)")
+        if ends_at_zero_noise(sde, t_end):
+            raise ValueError("AdaptiveDPMSolverPP needs σ(t_end) > 0 (finite log-SNR)")
         dtype = x_start.dtype
         lam_start = (0.5 * sde.log_snr(t_start)).astype(dtype)
         lam_end = (0.5 * sde.log_snr(t_end)).astype(dtype)

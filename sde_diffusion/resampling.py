@@ -18,10 +18,11 @@ class Resampling(AbstractSamplingMethod):
 
         x_{t_i} = (α_i/α_{i+1}) x_{t_{i+1}} + √(σ_i² − (α_i/α_{i+1})² σ_{i+1}²) ε.
 
-    For a conditional model (``sd.Inpainting``) the repeated denoise–renoise cycles mix the free
-    entries towards ``p_t(x_free | y)``, reducing the bias of replacement; for an exact model each
-    cycle leaves ``p_t`` invariant. ``nfe`` is ``num_resamples`` times the inner methods' total.
-    Segments are unrolled in the compiled program: keep ``num_segments`` to tens.
+    For a conditional model (``sd.Inpainting``) the denoise–renoise cycles let the free entries
+    adjust to the observed ones at each noise level; for an exact model each cycle leaves ``p_t``
+    invariant. ``nfe`` is the inner methods' total (``num_resamples`` runs per segment). The
+    segments before the last run in one ``lax.scan`` (``method`` sees traced times there), so
+    compilation does not grow with ``num_segments``.
     """
 
     method: AbstractSamplingMethod
@@ -40,25 +41,31 @@ class Resampling(AbstractSamplingMethod):
     def __call__(self, sde, model, key, x, t_start, t_end):
         if not isinstance(sde, AbstractScheduleSDE):
             raise TypeError(f"Resampling needs a ScheduleSDE (its forward kernel), got {type(sde).__name__}")
-        with jax.ensure_compile_time_eval():
-            ts = [float(t) for t in self.grid.times(sde, t_start, t_end, self.num_segments)]
-        nfe = jnp.zeros((), jnp.int32)
-        steps = accepted = rejected = jnp.zeros((), jnp.int32)
-        for i, (t_hi, t_lo) in enumerate(zip(ts[:-1], ts[1:])):
-            ratio = sde.alpha(t_hi) / sde.alpha(t_lo)
-            renoise_std = jnp.sqrt(jnp.maximum(sde.sigma2(t_hi) - ratio**2 * sde.sigma2(t_lo), 0.0))
+        ts = self.grid.times(sde, t_start, t_end, self.num_segments).astype(x.dtype)
+        stats = tuple(jnp.zeros((), jnp.int32) for _ in range(4))
 
-            def cycle(r, carry):
-                x, stats = carry
-                run_key, noise_key = jax.random.split(jax.random.fold_in(jax.random.fold_in(key, i), r))
-                x = ratio * x + renoise_std * sampling_noise(noise_key, x.shape, x.dtype)
-                return self._segment(sde, model, run_key, x, stats, t_hi, t_lo)
+        def segment(carry, i):
+            return self._segment(sde, model, jax.random.fold_in(key, i), *carry, ts[i], ts[i + 1]), None
 
-            carry = self._segment(sde, model, jax.random.fold_in(key, i), x, (nfe, steps, accepted, rejected), t_hi, t_lo)
-            x, (nfe, steps, accepted, rejected) = jax.lax.fori_loop(1, self.num_resamples, cycle, carry)
-        return x, SampleInfo(nfe, steps, accepted, rejected)
+        last = self.num_segments - 1
+        (x, stats), _ = jax.lax.scan(segment, (x, stats), jnp.arange(last))
+        x, stats = self._segment(sde, model, jax.random.fold_in(key, last), x, stats, ts[last], t_end)
+        return x, SampleInfo(*stats)
 
     def _segment(self, sde, model, key, x, stats, t_hi, t_lo):
-        x, info = self.method(sde, model, key, x, t_hi, t_lo)
-        counts = (info.nfe, info.num_steps, info.num_accepted_steps, info.num_rejected_steps)
-        return x, tuple(s + jnp.asarray(c, jnp.int32) for s, c in zip(stats, counts))
+        """``num_resamples`` runs of ``method`` from ``t_hi`` to ``t_lo``, renoised in between."""
+        ratio = sde.alpha(t_hi) / sde.alpha(t_lo)
+        renoise_std = jnp.sqrt(jnp.maximum(sde.sigma2(t_hi) - ratio**2 * sde.sigma2(t_lo), 0.0))
+
+        def run(key, x, stats):
+            x, info = self.method(sde, model, key, x, t_hi, t_lo)
+            counts = (info.nfe, info.num_steps, info.num_accepted_steps, info.num_rejected_steps)
+            return x, tuple(s + jnp.asarray(c, jnp.int32) for s, c in zip(stats, counts))
+
+        def cycle(r, carry):
+            run_key, noise_key = jax.random.split(jax.random.fold_in(key, r))
+            x, stats = carry
+            return run(run_key, ratio * x + renoise_std * sampling_noise(noise_key, x.shape, x.dtype), stats)
+
+        x, stats = run(jax.random.fold_in(key, 0), x, stats)
+        return jax.lax.fori_loop(1, self.num_resamples, cycle, (x, stats))

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, PRNGKeyArray
 
-from ._checks import check_finite
+from ._checks import check_finite, is_concrete
 from .grids import AbstractTimeGrid, UniformTime
 from .parametrization import AbstractPrediction, Score, as_prediction
 from .reverse import ProbabilityFlowODE, ReverseSDE
@@ -33,6 +33,15 @@ def sampling_noise(key: PRNGKeyArray, shape: tuple[int, ...], dtype) -> Array:
     """
     draw_dtype = jnp.float32 if jnp.dtype(dtype).itemsize > 4 else dtype
     return jax.random.normal(key, shape, draw_dtype).astype(dtype)
+
+
+def ends_at_zero_noise(sde: AbstractSDE, t_end: ArrayLike) -> bool:
+    """Whether ``σ(t_end) = 0`` (decided while tracing). A traced ``t_end`` (an interior time, as in
+    ``sd.Resampling``'s segments) counts as ``σ > 0``."""
+    if not (isinstance(sde, AbstractScheduleSDE) and is_concrete(t_end)):
+        return False
+    with jax.ensure_compile_time_eval():
+        return bool(sde.sigma(t_end) == 0)
 
 
 class SampleInfo(eqx.Module):
@@ -154,12 +163,11 @@ class ProbabilityFlow(AbstractSamplingMethod):
 
     def __call__(self, sde, model, key, x_start, t_start, t_end):
         if isinstance(sde, AbstractScheduleSDE) and not isinstance(model, Score):
-            with jax.ensure_compile_time_eval():
-                if not bool(sde.sigma(t_end) > 0):
-                    raise ValueError(
-                        "the PF-ODE field (α D − x)/σ² is 0/0 at σ = 0: end at t_end > t0, or use an "
-                        "exponential integrator (DPMSolverPP, UniPC, ...) whose last step to σ = 0 is exact"
-                    )
+            if ends_at_zero_noise(sde, t_end):
+                raise ValueError(
+                    "the PF-ODE field (α D − x)/σ² is 0/0 at σ = 0: end at t_end > t0, or use an "
+                    "exponential integrator (DPMSolverPP, UniPC, ...) whose last step to σ = 0 is exact"
+                )
         flow = ProbabilityFlowODE(sde, lambda t, x: model.score(sde, t, x))
         velocity = jax.vmap(flow.velocity, in_axes=(None, 0))
 
@@ -244,11 +252,10 @@ class AbstractGridSampler(AbstractSamplingMethod):
         def denoise(t, x):
             return batched(sde, t, x)
 
-        with jax.ensure_compile_time_eval():
-            ends_at_zero_noise = bool(sde.sigma(t_end) == 0)
-        x = self.integrate(denoise, coords, x_start, key, ends_at_zero_noise)
+        to_zero = ends_at_zero_noise(sde, t_end)
+        x = self.integrate(denoise, coords, x_start, key, to_zero)
         n = self.num_steps
-        return x, SampleInfo(self.evaluations(ends_at_zero_noise), n, n, 0)
+        return x, SampleInfo(self.evaluations(to_zero), n, n, 0)
 
 
 @eqx.filter_jit
@@ -297,4 +304,4 @@ def sample(
     if x_start.ndim < 1:
         raise ValueError("x_start must be a batch of shape (n, ...)")
     samples, info = _run(method, sde, as_prediction(model), key_run, x_start, t_start, t_end)
-    return samples, jax.tree.map(int, info)
+    return samples, jax.tree.map(lambda v: int(v) if is_concrete(v) else v, info)

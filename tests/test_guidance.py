@@ -7,6 +7,7 @@ approximate methods (replacement inpainting, DPS) are measured against the same 
 """
 
 import diffrax
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -169,6 +170,9 @@ def test_resampling_leaves_the_marginals_of_an_exact_model_invariant_and_counts_
     x, info = _sample(_marginal_denoiser(), method)
     assert info.nfe == 5 * 4 * 3
     assert _sw2(x, np.asarray(ORACLE.sample(jax.random.key(1), N))) < 2 * _floor(ORACLE) + 0.01
+    # inside an outer jit the statistics stay arrays
+    jitted = eqx.filter_jit(lambda key: sd.sample(SDE, _marginal_denoiser(), key, (8, 2), method=method, t_end=T_END))
+    assert int(jitted(jax.random.key(0))[1].nfe) == 60
 
 
 def test_bad_conditions_raise():
