@@ -38,13 +38,8 @@ plt.rcParams.update({"figure.dpi": 90})
 
 
 def image_grid(ax, images, title, columns=10, xlabel=None):
-    """Images (n, 8, 8, 1) in [−1, 1] tiled into one picture on ``ax``."""
-    images = np.clip(np.asarray(images)[..., 0], -1, 1)
-    rows = -(-len(images) // columns)
-    grid = np.full((rows * 9 + 1, columns * 9 + 1), -1.0)
-    for k, image in enumerate(images):
-        r, c = divmod(k, columns)
-        grid[1 + 9 * r : 9 * r + 9, 1 + 9 * c : 9 * c + 9] = image
+    """Images (n, 8, 8, 1) in [−1, 1] tiled into one picture on ``ax`` (``sd.tile_images``)."""
+    grid = sd.tile_images(np.clip(np.asarray(images), -1, 1), columns, fill=-1.0)[..., 0]
     shown = ax.imshow(grid, cmap="gray_r", vmin=-1, vmax=1)
     ax.set(title=title, xticks=[], yticks=[], xlabel=xlabel or f"{len(images)} images, 8 × 8 pixels each")
     return shown

@@ -57,7 +57,7 @@ TRAIN_STEPS = 20 if FAST else 1500  # the class-conditional U-Net
 PER_CLASS = 4 if FAST else 100  # digits generated per class and guidance scale
 INPAINT_DIGITS = 4 if FAST else 100  # held-out digits whose bottom half is filled in
 COMPLETIONS = 2 if FAST else 4  # completions per digit
-RESAMPLE_SEGMENTS = 2 if FAST else 10  # sd.Resampling unrolls its segments: fewer compile faster
+RESAMPLE_SEGMENTS = 2 if FAST else 10  # fewer model evaluations in fast mode
 plt.rcParams.update({"figure.dpi": 90})
 print(f"fast mode: {FAST}")
 
@@ -435,13 +435,8 @@ for w, images in digits.items():
 
 
 def image_grid(ax, images, title, columns=10, xlabel=None):
-    """Images (n, 8, 8, 1) in [−1, 1] tiled into one picture on ``ax`` (as in notebook 04)."""
-    images = np.clip(np.asarray(images)[..., 0], -1, 1)
-    rows = -(-len(images) // columns)
-    grid = np.full((rows * 9 + 1, columns * 9 + 1), -1.0)
-    for k, image in enumerate(images):
-        r, c = divmod(k, columns)
-        grid[1 + 9 * r : 9 * r + 9, 1 + 9 * c : 9 * c + 9] = image
+    """Images (n, 8, 8, 1) in [−1, 1] tiled into one picture on ``ax`` (``sd.tile_images``)."""
+    grid = sd.tile_images(np.clip(np.asarray(images), -1, 1), columns, fill=-1.0)[..., 0]
     shown = ax.imshow(grid, cmap="gray_r", vmin=-1, vmax=1)
     ax.set(title=title, xticks=[], yticks=[], xlabel=xlabel or f"{len(images)} images, 8 × 8 pixels each")
     return shown

@@ -33,7 +33,7 @@ from .grid_optimizer import GridOptimization, optimize_grid
 from .adaptive import AdaptiveDPMSolverPP
 from .data import ArrayDataset, Dataset, IteratorDataset, as_dataset, checkerboard, digits, gaussian_mixture, gaussian_mixture_oracle, moons, rings, swiss_roll, train_test_split
 from .quality import DigitsClassifier, digits_classifier, digits_frechet_distance, digits_split, frechet_distance, train_digits_classifier
-from .training import TrainConfig, TrainResult, restore_model, train
+from .training import TrainConfig, TrainResult, restore_model, tile_images, train
 from .nets import MLP, FourierEmbedding, SinusoidalEmbedding, UNet
 from .losses import AbstractTimeDistribution, AbstractWeighting, DenoisingScoreMatching, EDMWeighting, LabelDropout, LikelihoodWeighting, LinearDenoisingScoreMatching, LogNormalNoise, LogSNRTimes, MinSNRWeighting, NoiseWeighting, NoisyClassification, SlicedScoreMatching, UniformTimes, UnitWeighting
 from .likelihood import AbstractProbe, AbstractTraceEstimator, ExactTrace, GaussianProbe, Hutchinson, LikelihoodInfo, RademacherProbe, bits_per_dim, dequantize, log_likelihood

@@ -333,6 +333,22 @@ def _check_plottable(event_shape: tuple[int, ...]) -> None:
         )
 
 
+def tile_images(images: Any, columns: int | None = None, fill: float = 1.0) -> np.ndarray:
+    """Images ``(n, H, W, C)`` tiled row by row into one ``(rows (H + 1) + 1, columns (W + 1) + 1, C)``
+    array with 1-pixel gaps of ``fill`` (``columns`` default: ``⌈√n⌉``)."""
+    images = np.asarray(images, dtype=np.float32)
+    if images.ndim != 4 or len(images) == 0:
+        raise ValueError(f"images must have shape (n, H, W, C) with n ≥ 1, got {images.shape}")
+    n, h, w, c = images.shape
+    columns = math.ceil(math.sqrt(n)) if columns is None else columns
+    rows = math.ceil(n / columns)
+    grid = np.full((rows * (h + 1) + 1, columns * (w + 1) + 1, c), fill, dtype=np.float32)
+    for i, image in enumerate(images):
+        r, q = divmod(i, columns)
+        grid[1 + r * (h + 1) : (r + 1) * (h + 1), 1 + q * (w + 1) : (q + 1) * (w + 1)] = image
+    return grid
+
+
 def save_samples_png(path: str | os.PathLike, samples: Any, title: str = "") -> None:
     """A PNG of ``samples``: a scatter plot for shape ``(n, 2)``, a grid of at most 64 images
     (min–max scaled to [0, 1]) for ``(n, H, W, C)`` with ``C ∈ {1, 3}``."""
@@ -347,18 +363,12 @@ def save_samples_png(path: str | os.PathLike, samples: Any, title: str = "") -> 
         ax.set_aspect("equal")
     else:
         images = samples[:64]
-        n, h, w, c = images.shape
-        cols = math.ceil(math.sqrt(n))
-        rows = math.ceil(n / cols)
         lo, hi = images.min(), images.max()
-        images = (images - lo) / (hi - lo) if hi > lo else np.zeros_like(images)
-        grid = np.ones((rows * (h + 1) + 1, cols * (w + 1) + 1, c), dtype=np.float32)
-        for i, image in enumerate(images):
-            r, q = divmod(i, cols)
-            grid[1 + r * (h + 1) : (r + 1) * (h + 1), 1 + q * (w + 1) : (q + 1) * (w + 1)] = image
+        grid = tile_images((images - lo) / (hi - lo) if hi > lo else np.zeros_like(images))
+        rows, cols = (grid.shape[0] - 1) // (images.shape[1] + 1), (grid.shape[1] - 1) // (images.shape[2] + 1)
         fig = Figure(figsize=(cols * 0.8 + 0.4, rows * 0.8 + 0.4))
         ax = fig.subplots()
-        ax.imshow(grid[..., 0] if c == 1 else grid, cmap="gray" if c == 1 else None, vmin=0, vmax=1)
+        ax.imshow(grid[..., 0] if grid.shape[-1] == 1 else grid, cmap="gray" if grid.shape[-1] == 1 else None, vmin=0, vmax=1)
         ax.axis("off")
     if title:
         ax.set_title(title)

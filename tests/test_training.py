@@ -353,3 +353,15 @@ def test_invalid_arguments_are_clear_errors():
     with pytest.raises(ValueError, match="event shape"):
         sd.train(make_model(), dsm, sd.VP(), images, _config(sample_every=2), sample_fn=lambda m, k: images,
                  sample_dir="unused", progress=False)
+
+
+def test_tile_images_places_each_image_row_by_row():
+    images = np.arange(5, dtype=np.float32)[:, None, None, None] * np.ones((5, 2, 3, 1), np.float32)
+    grid = sd.tile_images(images, columns=3, fill=-1.0)
+    assert grid.shape == (2 * 3 + 1, 3 * 4 + 1, 1)
+    for k in range(5):
+        r, c = divmod(k, 3)
+        np.testing.assert_array_equal(grid[1 + 3 * r : 3 + 3 * r, 1 + 4 * c : 4 + 4 * c], k)
+    assert grid[0].max() == -1 and grid[4:, 9:].max() == -1  # gaps and the empty sixth cell
+    with pytest.raises(ValueError, match="shape"):
+        sd.tile_images(np.zeros((3, 8, 8)))
