@@ -96,16 +96,17 @@ def test_guidance_interval_switches_on_the_noise_level():
         np.testing.assert_allclose(jax.jit(lambda t, x: model.score(SDE, t, x))(t, x), expected, rtol=1e-6)
 
 
+SLOW = pytest.mark.slow
 SAMPLERS = [
     sd.ReverseDiffusion(num_steps=200, grid=sd.UniformLogSNR()),
-    sd.PredictorCorrector(num_steps=100),
+    pytest.param(sd.PredictorCorrector(num_steps=100), marks=SLOW),
     sd.ProbabilityFlow(solver=diffrax.Tsit5(), rtol=1e-4, atol=1e-4),
     sd.DPMSolverPP(order=3, num_steps=30, grid=sd.UniformLogSNR()),
-    sd.UniPC(order=3, num_steps=30, grid=sd.UniformLogSNR()),
-    sd.DDIM(num_steps=60, grid=sd.UniformLogSNR()),
-    sd.DPMSolverPP2S(num_steps=20),
+    pytest.param(sd.UniPC(order=3, num_steps=30, grid=sd.UniformLogSNR()), marks=SLOW),
+    pytest.param(sd.DDIM(num_steps=60, grid=sd.UniformLogSNR()), marks=SLOW),
+    pytest.param(sd.DPMSolverPP2S(num_steps=20), marks=SLOW),
     sd.EDMHeun(num_steps=20),
-]
+]  # one of each family by default (reverse SDE, PF ODE, exponential integrator, EDM); all with -m slow
 
 
 @pytest.mark.parametrize("method", SAMPLERS, ids=lambda m: type(m).__name__)
