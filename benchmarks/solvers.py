@@ -50,6 +50,7 @@ OPTIMIZE_SETTINGS = dict(num_train=256, num_val=256, iterations=200, progress=Fa
 GRIDS: dict[str, Callable[[], sd.AbstractTimeGrid]] = {
     "UniformLogSNR": sd.UniformLogSNR,
     "KarrasSigma": sd.KarrasSigma,
+    "UniformTimeOf(VP)": lambda: sd.UniformTimeOf(sd.VP()),  # DDPM's linspace carried over by log-SNR
     OPTIMIZED: sd.UniformLogSNR,  # the optimiser's starting grid
     "λ-steps": sd.UniformLogSNR,  # unused: the adaptive multistep chooses its own steps in λ
 }
@@ -103,13 +104,13 @@ FIXED: list[Fixed] = [
     Fixed("DPMSolverPP-1", "DPMSolverPP", _new("DPMSolverPP", order=1), _one_per_step),
     *[
         Fixed(f"DPMSolverPP-{k}", "DPMSolverPP", _new("DPMSolverPP", order=k), _one_per_step,
-              grids=("UniformLogSNR", "KarrasSigma", OPTIMIZED))
+              grids=("UniformLogSNR", "KarrasSigma", "UniformTimeOf(VP)", OPTIMIZED))
         for k in (2, 3)
     ],
     *[Fixed(f"DEIS-{k}", "DEIS", _new("DEIS", order=k), _one_per_step) for k in (2, 3)],
     *[
         Fixed(f"UniPC-{k}-{v}", "UniPC", _new("UniPC", order=k, variant=v), _one_per_step,
-              grids=("UniformLogSNR", "KarrasSigma") + ((OPTIMIZED,) if (k, v) == (3, "bh2") else ()))
+              grids=("UniformLogSNR", "KarrasSigma", "UniformTimeOf(VP)") + ((OPTIMIZED,) if (k, v) == (3, "bh2") else ()))
         for k in (2, 3)
         for v in ("bh1", "bh2")
     ],
@@ -431,7 +432,7 @@ def plot(path: Path, results: list[dict], problems: dict[int, Problem], fixed_ro
     names = list(dict.fromkeys(names))
     cmap = plt.get_cmap("tab20")  # dark shades first, then light ones: neighbours stay distinguishable
     colors = {n: cmap((2 * i) % 20 + (2 * i // 20) % 2) for i, n in enumerate(names)}
-    styles = {"UniformLogSNR": "-", "KarrasSigma": "--"}
+    styles = {"UniformLogSNR": "-", "KarrasSigma": "--", "UniformTimeOf(VP)": ":"}
     for col, dim in enumerate(dims):
         for row, metric in enumerate(("traj", "sw2")):
             ax = axes[row, col]

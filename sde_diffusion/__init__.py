@@ -24,7 +24,7 @@ from .metrics import sliced_wasserstein
 from .reverse import ProbabilityFlowODE, ReverseSDE
 from .sample import AbstractSamplingMethod, ProbabilityFlow, ReverseDiffusion, SampleInfo, sample
 from .simulate import simulate
-from .grids import AbstractTimeGrid, GivenTimes, KarrasSigma, QuadraticTime, UniformLogSNR, UniformTime
+from .grids import AbstractTimeGrid, GivenTimes, KarrasSigma, QuadraticTime, UniformLogSNR, UniformTime, UniformTimeOf
 from .parametrization import AbstractPrediction, Denoiser, EDMPreconditioned, Network, Noise, Score, Velocity, noise_level, with_label
 from .multistep import DDIM, DEIS, AbstractMultistep, DPMSolverPP, DPMSolverPP2MSDE, UniPC
 from .singlestep import DPMSolverPP2S, EDMHeun

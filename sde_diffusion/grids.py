@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike
 
 from ._checks import is_concrete, require
-from .schedule import AbstractScheduleSDE
+from .schedule import VP, AbstractScheduleSDE
 from .sde import AbstractSDE
 
 
@@ -69,6 +69,32 @@ class UniformLogSNR(AbstractTimeGrid):
                 raise ValueError("UniformLogSNR cannot reach σ = 0 (λ = ∞): end at t_end > t0 or use KarrasSigma")
         lam0, lam1 = sde.log_snr(t_start), sde.log_snr(t_end)
         return sde.t_from_log_snr(lam0 + tau * (lam1 - lam0))
+
+
+class UniformTimeOf(AbstractTimeGrid):
+    """Equal time steps of another schedule, carried over by log-SNR: ``λ(t) = λ_ref(u)`` with ``u``
+    linear in ``τ`` between the reference times whose log-SNR is that of ``t_start`` and ``t_end``.
+
+    ``UniformTimeOf(VP())`` is DDPM's "linspace" spacing on any schedule: on the d = 64 mixture
+    (EDM σ from 80 to 0.002) UniPC-3 reaches trajectory errors 0.235 at 5 NFE and 0.112 at 10
+    (Karras ρ = 7: 0.358 and 0.246), but 0.040 at 20 (Karras: 0.033).
+    """
+
+    schedule: AbstractScheduleSDE = VP()
+
+    def __check_init__(self):
+        if not isinstance(self.schedule, AbstractScheduleSDE):
+            raise TypeError(f"schedule must be a ScheduleSDE (e.g. sd.VP()), got {type(self.schedule).__name__}")
+
+    def map(self, sde, t_start, t_end, tau):
+        sde, ref = _noise_levels(sde, "UniformTimeOf"), self.schedule
+
+        def carried(source, target, t):  # the time of ``target`` with the log-SNR of ``source`` at t
+            lam = jnp.clip(source.log_snr(t), target.log_snr(target.t1), target.log_snr(target.t0))
+            return target.t_from_log_snr(lam)
+
+        u_start, u_end = carried(sde, ref, t_start), carried(sde, ref, t_end)
+        return carried(ref, sde, u_start + tau * (u_end - u_start))
 
 
 class KarrasSigma(AbstractTimeGrid):

@@ -74,3 +74,23 @@ def test_clipping_keeps_the_map_derivative(x64):
             d_time = jax.grad(lambda u: grid.time(sde, 80.0, 0.002, u))(tau)
             d_map = jax.grad(lambda u: grid.map(sde, 80.0, 0.002, u))(tau)
             np.testing.assert_allclose(d_time, d_map, rtol=1e-12)
+
+
+def test_uniform_time_of_vp_is_the_vp_linspace_carried_to_another_schedule(x64):
+    """On EDM (σ = t) the grid's σ are VP's σ/α at equally spaced VP times: with
+    σ/α = √(e^{½(β_max − β_min)u² + β_min u} − 1), solve for the end times in closed form."""
+    beta_d, beta_min = 19.9, 0.1
+
+    def vp_time(s):
+        c = np.log1p(s**2)
+        return (-beta_min + np.sqrt(beta_min**2 + 2 * beta_d * c)) / beta_d
+
+    u = np.linspace(vp_time(80.0), vp_time(0.002), 9)
+    expected = np.sqrt(np.expm1(0.5 * beta_d * u**2 + beta_min * u))
+    np.testing.assert_allclose(sd.UniformTimeOf(sd.VP()).times(sd.EDM(), 80.0, 0.002, 8), expected, rtol=1e-10)
+    # its own schedule: plain uniform time; a σ = 0 end is reached
+    np.testing.assert_allclose(sd.UniformTimeOf(sd.VP()).times(sd.VP(), 1.0, 0.0, 4), np.linspace(1, 0, 5), atol=1e-12)
+    ts = sd.UniformTimeOf().times(sd.EDM(), 80.0, 0.0, 4)
+    assert ts[-1] == 0 and np.all(np.diff(ts) < 0)
+    with pytest.raises(TypeError, match="ScheduleSDE"):
+        sd.UniformTimeOf(sd.SDE(lambda t, x: -x, lambda t, x: 1.0))
