@@ -87,20 +87,22 @@ class EDMHeun(AbstractGridSampler):
         return t, raised, x_hat
 
     def integrate(self, denoise, c, x, key, ends_at_zero_noise):
-        def slope(t, sigma_hat, x_hat):
-            alpha = c.sde.alpha(t)
-            return (x_hat - denoise(t, alpha * x_hat)) / sigma_hat
-
-        def step(x, i):
-            t, sigma_hat, x_hat = self._churn(c, i, x / c.alpha[i], key)
+        # The loop carries x̂ = x/α, and each Heun step is two linear combinations of x̂ and the
+        # denoiser outputs (few passes over the batch): with r = σ̂_{i+1}/σ̂ and h = σ̂_{i+1} − σ̂,
+        # x̂_E = r x̂ + (1 − r) D₁,  x̂_{i+1} = x̂ + h/2 (d₁ + d₂),  d₁ = (x̂ − D₁)/σ̂,  d₂ = (x̂_E − D₂)/σ̂_{i+1}.
+        def step(x_hat, i):
+            t, sigma_hat, x_hat = self._churn(c, i, x_hat, key)
             sigma_next = jnp.exp(-c.lam[i + 1])
-            d = slope(t, sigma_hat, x_hat)
-            euler = x_hat + (sigma_next - sigma_hat) * d
-            d_next = slope(c.ts[i + 1], sigma_next, euler)
-            return c.alpha[i + 1] * (x_hat + (sigma_next - sigma_hat) * 0.5 * (d + d_next))
+            ratio = sigma_next / sigma_hat
+            denoised = denoise(t, c.sde.alpha(t) * x_hat)
+            euler = ratio * x_hat + (1 - ratio) * denoised
+            denoised_next = denoise(c.ts[i + 1], c.alpha[i + 1] * euler)
+            w1, w2 = 0.5 * (sigma_next - sigma_hat) / sigma_hat, 0.5 * (sigma_next - sigma_hat) / sigma_next
+            return (1 + w1) * x_hat - w1 * denoised + w2 * (euler - denoised_next)
 
-        def last(x, i):
-            t, sigma_hat, x_hat = self._churn(c, i, x / c.alpha[i], key)
+        def last(x_hat, i):
+            t, sigma_hat, x_hat = self._churn(c, i, x_hat, key)
             return c.alpha[i + 1] * denoise(t, c.sde.alpha(t) * x_hat)
 
-        return _loop(step, last, x, self.num_steps, ends_at_zero_noise)
+        out = _loop(step, last, x / c.alpha[0], self.num_steps, ends_at_zero_noise)
+        return out if ends_at_zero_noise else c.alpha[-1] * out
