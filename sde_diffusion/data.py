@@ -196,10 +196,9 @@ def _check_examples(x: Any, labels: Any, what: str) -> tuple[np.ndarray, np.ndar
 
 
 @functools.lru_cache(maxsize=4)
-@functools.lru_cache(maxsize=4)
 def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
-    """The order of the examples in ``epoch``: a permutation drawn from ``(seed, epoch)`` (cached:
-    drawing it costs more than the rest of a small batch)."""
+    """The order of the examples in ``epoch``: a permutation drawn from ``(seed, epoch)``, cached
+    and read-only (every batch of the epoch shares it)."""
     order = np.random.default_rng((seed, epoch)).permutation(n)
     order.flags.writeable = False
     return order
