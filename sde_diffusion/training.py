@@ -363,9 +363,10 @@ def save_samples_png(path: str | os.PathLike, samples: Any, title: str = "") -> 
         ax.set_aspect("equal")
     else:
         images = samples[:64]
+        cols = math.ceil(math.sqrt(len(images)))
+        rows = math.ceil(len(images) / cols)
         lo, hi = images.min(), images.max()
-        grid = tile_images((images - lo) / (hi - lo) if hi > lo else np.zeros_like(images))
-        rows, cols = (grid.shape[0] - 1) // (images.shape[1] + 1), (grid.shape[1] - 1) // (images.shape[2] + 1)
+        grid = tile_images((images - lo) / (hi - lo) if hi > lo else np.zeros_like(images), cols)
         fig = Figure(figsize=(cols * 0.8 + 0.4, rows * 0.8 + 0.4))
         ax = fig.subplots()
         ax.imshow(grid[..., 0] if grid.shape[-1] == 1 else grid, cmap="gray" if grid.shape[-1] == 1 else None, vmin=0, vmax=1)
