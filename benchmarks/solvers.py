@@ -212,14 +212,15 @@ class Problem:
     data_std: float
     starts: jax.Array  # (batch, d) exact samples of p_80
     target: jax.Array  # (batch, d) exact samples of p_0.002
-    reference: jax.Array  # (traj_points, d) PF-ODE endpoints of starts[:traj_points]
+    reference: jax.Array  # (batch, d) PF-ODE endpoints of starts: exact samples of p_0.002 paired with them
     reference_nfe: int
     sample_key: jax.Array
     sw2: SlicedW2  # against target
     floor: tuple[float, float, float, float, int]  # SW2 / data std of two exact sets: mean, std, min, max, repeats
+    reference_sw2: float  # SW2 / data std of reference against target: the floor of this very draw
 
 
-def build_problem(dim: int, seed: int, batch: int, traj_points: int, floor_repeats: int = 10) -> Problem:
+def build_problem(dim: int, seed: int, batch: int, floor_repeats: int = 10) -> Problem:
     sde = sd.EDM()
     key = jax.random.key(seed)
     if dim == 2:
@@ -234,15 +235,17 @@ def build_problem(dim: int, seed: int, batch: int, traj_points: int, floor_repea
     starts = mixture.marginal_sample(sde, sde.t1, k_start, batch)
     target = mixture.marginal_sample(sde, sde.t0, k_target, batch)
     reference_method = sd.ProbabilityFlow(grid=sd.UniformLogSNR(), **REFERENCE)
-    reference, info = sd.sample(sde, model, k_sample, x_start=starts[:traj_points], method=reference_method)
+    reference, info = sd.sample(sde, model, k_sample, x_start=starts, method=reference_method)
     floors = []
     for k in jax.random.split(k_floor, floor_repeats):
         k1, k2, k3 = jax.random.split(k, 3)
         a, b = (mixture.marginal_sample(sde, sde.t0, kk, batch) for kk in (k1, k2))
         floors.append(SlicedW2(a, k3)(b) / data_std)
+    sw2 = SlicedW2(target, k_proj)
     return Problem(
-        dim, sde, mixture, model, data_std, starts, target, reference, info.nfe, k_sample, SlicedW2(target, k_proj),
+        dim, sde, mixture, model, data_std, starts, target, reference, info.nfe, k_sample, sw2,
         (statistics.mean(floors), statistics.stdev(floors), min(floors), max(floors), floor_repeats),
+        sw2(reference) / data_std,
     )  # fmt: skip
 
 
@@ -265,7 +268,7 @@ def run_one(problem: Problem, method: sd.AbstractSamplingMethod, stochastic: boo
     seconds = time.perf_counter() - t
     traj = traj_worst = math.nan
     if not stochastic:
-        err = np.asarray(x[:traj_points] - problem.reference)
+        err = np.asarray(x[:traj_points] - problem.reference[:traj_points])
         per_point = np.sqrt(np.mean(err**2, axis=-1)) / problem.data_std  # per-coordinate RMSE of each point
         traj, traj_worst = float(np.sqrt(np.mean(per_point**2))), float(np.max(per_point))
     return dict(nfe=info.nfe, traj=traj, traj_worst=traj_worst, sw2=problem.sw2(x) / problem.data_std, seconds=seconds)
@@ -341,7 +344,7 @@ def render(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def metric_table(metric: str, dim: int, results: list[dict], fixed_rows: list[tuple[Fixed, str]],
-                 adaptive: list[Adaptive], budgets: Sequence[int], floor: tuple | None) -> str:
+                 adaptive: list[Adaptive], budgets: Sequence[int], problem: Problem) -> str:
     """One markdown table: rows method × grid, columns budgets + adaptive; '*' marks our best."""
     by_key = {(r["method"], r["grid"], r["budget"]): r for r in results if r["dim"] == dim and r["budget"] != "adaptive"}
     stochastic = {e.name for e, _ in fixed_rows if e.stochastic}
@@ -384,17 +387,27 @@ def metric_table(metric: str, dim: int, results: list[dict], fixed_rows: list[tu
         f"{best[b] / p:.2f}×" if (p is not None and best[b] is not None) else "-" for b, p in zip(budgets, peer_row)
     ]
     rows.append(["best ours / best peer", "", *ratios, ""])
+    if metric == "sw2":
+        # Deterministic samplers map the shared starts to (nearly) the reference endpoints, which are
+        # exact samples: their SW2 converges to this draw's value, not to the floor's mean.
+        draw = problem.reference_sw2
+        rows.append(["exact PF ODE, same starts", "", *[_g(draw) for _ in budgets], ""])
+        rows.append(["best ours − exact PF ODE", "", *[f"{best[b] - draw:+.4f}" if best[b] else "-" for b in budgets], ""])
+        peer_floor = PEER_FLOOR.get(dim)
+        if peer_floor:
+            excess = [f"{p - peer_floor[0]:+.4f}" if p is not None else "-" for p in peer_row]
+            rows.append([f"best peer − PEERS floor {peer_floor[0]}", "", *excess, ""])
     title = {"traj": "traj: RMSE to the exact PF-ODE endpoint / data std", "sw2": "SW2 to exact samples / data std"}
     out = [f"### {title[metric]}, d = {dim}", "", "cells: error (actual NFE); * = our best in the column", ""]
     out.append(render(header, rows))
     if peers:
         out.append("peer methods: " + "; ".join(f"NFE {b}: {peers[b][1]}" for b in budgets if b in peers))
-    if metric == "sw2" and floor is not None:
-        peer_floor = PEER_FLOOR.get(dim)
+    if metric == "sw2":
+        floor, peer_floor = problem.floor, PEER_FLOOR.get(dim)
         line = (
             f"noise floor (two exact sets of the same size, {floor[4]} repeats): {floor[0]:.4f} ± {floor[1]:.4f} "
             f"(range {floor[2]:.4f}–{floor[3]:.4f}); all rows share one start set and one target set, so rows at the "
-            "floor show the same single draw from this range"
+            f"floor show one draw from this range: the exact PF ODE of the same starts, {problem.reference_sw2:.4f}"
         )
         if peer_floor:
             line += f" (PEERS.md at batch 20000: {peer_floor[0]} ± {peer_floor[1]})"
@@ -469,6 +482,8 @@ def plot(path: Path, results: list[dict], problems: dict[int, Problem], fixed_ro
                     ax.plot(*zip(*ps), "kx", markersize=8, label="best stochastic peer (PEERS.md)")
                 floor = problems[dim].floor[0]
                 ax.axhline(floor, color="grey", linestyle="-.", linewidth=1, label="noise floor (exact vs exact)")
+                ax.axhline(problems[dim].reference_sw2, color="black", linestyle=":", linewidth=1,
+                           label="exact PF ODE of the same starts")  # fmt: skip
             ax.set_xscale("log")
             ax.set_yscale("log")
             ax.set_ylim(top=min(ax.get_ylim()[1], 10.0))  # errors above 10 × data std are off the chart
@@ -571,12 +586,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     overhead_rows, bare_seconds = [], None
     for dim in args.dims:
         t0 = time.perf_counter()
-        problem = build_problem(dim, args.seed, args.batch, args.traj_points)
+        problem = build_problem(dim, args.seed, args.batch)
         problems[dim] = problem
         line = (
             f"\nd = {dim}: data std {problem.data_std:.4f} (PEERS.md: {PEER_DATA_STD.get(dim, '-')}; our mixture is "
             f"drawn from jax.random.key({args.seed}), so its parameters differ from PEERS' draw), reference NFE "
-            f"{problem.reference_nfe}, SW2 noise floor {problem.floor[0]:.4f} ± {problem.floor[1]:.4f} "
+            f"{problem.reference_nfe}, SW2 noise floor {problem.floor[0]:.4f} ± {problem.floor[1]:.4f}, SW2 of the "
+            f"exact PF ODE of the starts {problem.reference_sw2:.4f} "
             f"(setup {time.perf_counter() - t0:.1f} s)"
         )
         print(line, flush=True)
@@ -618,7 +634,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     for metric in ("traj", "sw2"):
         for dim in args.dims:
             tables.append(
-                metric_table(metric, dim, results, fixed_rows, adaptive, args.budgets, problems[dim].floor)
+                metric_table(metric, dim, results, fixed_rows, adaptive, args.budgets, problems[dim])
             )
     if overhead_rows:
         tables.append(overhead_table(bare_seconds, overhead_rows))

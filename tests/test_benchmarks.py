@@ -107,6 +107,9 @@ def test_quick_run_errors_behave(quick):
         # ... and its law is the target's: SW2 within the noise floor of two exact sets
         floor_mean = summary["floors"][dim][0]
         assert float(tight["sw2"]) < 1.5 * floor_mean
+        # ... and paired with the exact PF ODE of the same starts: |ΔSW2| ≤ per-coordinate RMS distance
+        draw = summary["problems"][dim].reference_sw2
+        assert abs(float(tight["sw2"]) - draw) <= 3 * float(tight["traj"]) + 1e-12, (tight, draw)
         # Euler–Maruyama with 5 steps is far from the target
         assert float(_find(rows, "EulerMaruyama", "KarrasSigma", dim, 5)["sw2"]) > 3 * floor_mean
         # first-order deterministic methods: more NFE, smaller trajectory error
