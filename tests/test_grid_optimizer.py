@@ -33,7 +33,7 @@ def test_optimised_grid_generalises(x64):
     method = sd.DPMSolverPP(num_steps=5, order=2)
     result = sd.optimize_grid(
         sde, model, method, jax.random.key(1), x_start_sampler=x_start_sampler, num_train=64, num_val=256,
-        iterations=150, progress=False,
+        iterations=150, progress=False, initial_grid=sd.UniformLogSNR(),
     )
     ts = np.asarray(result.times)
     assert ts.shape == (6,) and ts[0] == sde.t1 and ts[-1] == sde.t0
@@ -57,6 +57,33 @@ def test_optimised_grid_generalises(x64):
     np.testing.assert_allclose(rmse(x_tuned, y), result.validation_error, rtol=1e-8)
     np.testing.assert_allclose(rmse(x_uniform, y), result.validation_error_initial, rtol=1e-8)
     np.testing.assert_array_equal(sd.sample(sde, model, key, x_start=x_val, method=result.method)[0], x_tuned)
+
+
+def test_starts_from_the_candidate_grid_with_the_lowest_training_error(x64):
+    gm, sde, model = ring_problem()
+    drawn = {}
+
+    def x_start_sampler(key, n):
+        drawn[n] = gm.marginal_sample(sde, sde.t1, key, n)
+        return drawn[n]
+
+    method = sd.UniPC(num_steps=4, order=2)
+    candidates = (sd.UniformTimeOf(sd.VP()), sd.KarrasSigma(), sd.UniformLogSNR())  # measured: the last is best
+    result = sd.optimize_grid(
+        sde, model, method, jax.random.key(1), x_start_sampler=x_start_sampler, num_train=48, num_val=8,
+        iterations=3, progress=False, initial_grid=candidates,
+    )
+    # independent: each candidate's error on the training starts through sd.sample
+    x_train, key = drawn[48], jax.random.key(2)
+    reference = sd.ProbabilityFlow(diffrax.Dopri8(), grid=sd.UniformLogSNR(), rtol=1e-9, atol=1e-9)
+    y, _ = sd.sample(sde, model, key, x_start=x_train, method=reference)
+    errors = [rmse(sd.sample(sde, model, key, x_start=x_train, method=eqx.tree_at(lambda m: m.grid, method, g))[0], y)
+              for g in candidates]  # fmt: skip
+    best = int(np.argmin(errors))
+    assert len(set(np.round(errors, 6))) == 3 and best != 0, errors  # not a tie, not the first
+    assert result.initial_candidate == candidates[best]
+    np.testing.assert_allclose(result.initial_times, candidates[best].times(sde, sde.t1, sde.t0, 4), rtol=1e-12)
+    np.testing.assert_allclose(result.train_loss[0], errors[best] ** 2, rtol=1e-6)
 
 
 def test_time_from_log_snr_derivative_without_closed_form(x64):
@@ -83,6 +110,10 @@ def test_bad_input():
         run(sd.DPMSolverPP(5), iterations=0)
     with pytest.raises(ValueError, match="num_val"):
         run(sd.DPMSolverPP(5), num_val=0)
+    with pytest.raises(TypeError, match="initial_grid"):
+        run(sd.DPMSolverPP(5), initial_grid=())
+    with pytest.raises(TypeError, match="initial_grid"):
+        run(sd.DPMSolverPP(5), initial_grid=[sd.KarrasSigma(), "uniform"])
     with pytest.raises(ValueError, match="learning_rate"):
         run(sd.DPMSolverPP(5), learning_rate=-1.0)
     with pytest.raises(ValueError, match="t_end < t_start"):
