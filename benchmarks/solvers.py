@@ -8,7 +8,7 @@ every sampler started from exact samples of p_80. Three metrics, all divided by 
 - SW2: sliced Wasserstein-2 between a sampler's outputs and exact samples of p_0.002;
 - overhead (d = 64, NFE 20): wall time of one sampler call / wall time of 20 bare denoiser calls.
 
-Usage: ``python benchmarks/solvers.py`` (full, a few minutes on CPU) or ``--quick`` (under a
+Usage: ``python benchmarks/solvers.py`` (full, about 20 minutes on a 2-core CPU) or ``--quick`` (under a
 minute). Tables go to stdout (and ``tables.md``), numbers to ``results.csv`` / ``overhead.csv``, a
 figure to ``solvers.png`` under ``--out``. Methods live in the two registries below: add a line to
 benchmark a new sampler; classes missing from ``sde_diffusion`` are skipped.
