@@ -27,7 +27,7 @@ from .simulate import simulate
 from .grids import AbstractTimeGrid, GivenTimes, KarrasSigma, QuadraticTime, UniformLogSNR, UniformTime, UniformTimeOf
 from .parametrization import AbstractPrediction, Denoiser, EDMPreconditioned, Network, Noise, Score, Velocity, noise_level, with_label
 from .multistep import DDIM, DEIS, AbstractMultistep, DPMSolverPP, DPMSolverPP2MSDE, UniPC
-from .singlestep import DPMSolverPP2S, EDMHeun
+from .singlestep import AbstractTwoStage, DPMSolverPP2S, EDMHeun, Evaluation
 from .predictor_corrector import PredictorCorrector
 from .grid_optimizer import GridOptimization, optimize_grid
 from .adaptive import AdaptiveDPMSolverPP

@@ -5,11 +5,13 @@ both points and the next state are linear in ``(x_i, D₀, u, D₁)``:
 
     D₀ = D(t', s₀ x_i),   u = a x_i + b D₀,   D₁ = D(t'', s₁ u),   x_{i+1} = p x_i + q D₀ + r u + w D₁.
 
-So the loop runs once per *evaluation*, not per step: its carry is ``(x, u, D_prev)`` and each
-iteration makes one model call and maps the carry by a 2 × 4 table of that evaluation's weights.
-The compiled loop then holds one copy of the model rather than two, which halves its compile time
-and on CPU avoids slower code for the two-call body (measured on the 20000 × 64 mixture: a body
-with two denoiser calls runs 1.35–1.45× slower than two iterations of one).
+So the loop runs once per *evaluation*, not per step: its carry is ``(x, u, D_prev)``, and each
+iteration makes one model call, sets ``u`` to a weighted sum of ``(x, D_prev, u, D)`` and, when the
+evaluation completes a step, ``x = u`` (an ``Evaluation`` per row of a table built before the loop).
+The compiled loop then holds one copy of the model rather than two, which shortens compilation
+(first call with a small U-Net: 2S 1.6 → 1.4 s, EDM Heun 1.1 → 0.7 s) and on CPU avoids slower code
+for a two-call body (on the 20000 × 64 mixture a body with two denoiser calls ran 1.35–1.45× slower
+than two iterations of one).
 
 A last step to ``σ = 0`` is first order (one evaluation): ``x_N = α_N D₀``.
 """

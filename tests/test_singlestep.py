@@ -73,3 +73,38 @@ def test_churn_is_off_outside_its_noise_range(x64):
 def test_invalid():
     with pytest.raises(ValueError, match="churn"):
         sd.EDMHeun(4, churn=-1.0)
+
+
+class MidpointInSigmaHat(sd.AbstractTwoStage):
+    """A user-defined method through the public extension point: the explicit midpoint rule for
+    ``dx̂/dσ̂ = (x̂ − D)/σ̂`` (``x̂ = x/α``, ``σ̂ = σ/α``), second order."""
+
+    num_steps: int = eqx.field(static=True)
+    grid: sd.AbstractTimeGrid = sd.UniformLogSNR()
+
+    def state_scale(self, c, i):
+        return c.alpha[i]
+
+    def stages(self, c, i):
+        s0, s1 = jnp.exp(-c.lam[i]), jnp.exp(-c.lam[i + 1])
+        h, s_mid = s1 - s0, 0.5 * (s0 + s1)
+        t_mid = c.sde.t_from_log_snr(-2 * jnp.log(s_mid))
+        w = lambda **kw: jnp.stack([jnp.asarray(kw.get(k, 0.0), s0.dtype) for k in ("x", "d_prev", "u", "d")])  # noqa: E731
+        zero = jnp.zeros_like(s0)
+        first = sd.Evaluation(c.ts[i], c.alpha[i], zero, w(x=1 + h / (2 * s0), d=-h / (2 * s0)), False)
+        second = sd.Evaluation(t_mid, c.sde.alpha(t_mid), zero, w(x=1.0, u=h / s_mid, d=-h / s_mid), True)
+        return first, second
+
+    def to_data(self, c, i):
+        raise NotImplementedError  # the test ends at σ > 0
+
+
+def test_user_defined_two_stage_method_is_second_order(problem):  # noqa: F811
+    sde, model, kwargs, reference = problem
+    errors = []
+    for n in (16, 32):
+        x, info = sd.sample(sde, model, jax.random.key(3), method=MidpointInSigmaHat(n), **kwargs)
+        assert info.nfe == 2 * n
+        errors.append(float(jnp.sqrt(jnp.mean((x - reference) ** 2))))
+    slope = np.log(errors[0] / errors[1]) / np.log(2)
+    assert 1.75 < slope < 2.4, (errors, slope)
