@@ -9,3 +9,12 @@ def x64():
     jax.config.update("jax_enable_x64", True)
     yield
     jax.config.update("jax_enable_x64", previous)
+
+
+LONGEST_FIRST = ("test_notebooks.py", "test_readme.py", "test_benchmarks.py", "test_cli.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Run the longest modules (30–80 s per test) first, so that pytest-xdist's workers do not end
+    with one of them alone on one core while the other core idles."""
+    items.sort(key=lambda item: item.path.name not in LONGEST_FIRST)  # stable: order kept within groups

@@ -94,8 +94,11 @@ def test_nfe_is_counted(method, t_end):
 
 
 @pytest.mark.parametrize(
-    "make", [lambda n: sd.DDIM(n, eta=1.0, grid=sd.UniformTime()), lambda n: sd.DPMSolverPP2MSDE(n, grid=sd.UniformTime())],
-    ids=["DDIM-eta1", "DPM++2M-SDE"],
+    "make",
+    [
+        pytest.param(lambda n: sd.DDIM(n, eta=1.0, grid=sd.UniformTime()), id="DDIM-eta1", marks=pytest.mark.slow),
+        pytest.param(lambda n: sd.DPMSolverPP2MSDE(n, grid=sd.UniformTime()), id="DPM++2M-SDE"),
+    ],
 )
 def test_stochastic_methods_converge_in_distribution(x64, make):
     sde = sd.VP()

@@ -41,6 +41,7 @@ def test_nfe_is_counted(method, t0):
     assert np.all(np.isfinite(np.asarray(x)))
 
 
+@pytest.mark.slow  # churn's code path runs in the default suite (NFE count, every schedule)
 def test_edm_churn_converges_in_distribution(x64):
     """Algorithm 2 with churn is stochastic: SW2 to the target falls to the noise floor."""
     sde = sd.EDM()
