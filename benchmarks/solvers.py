@@ -403,7 +403,7 @@ def metric_table(metric: str, dim: int, results: list[dict], fixed_rows: list[tu
         # exact samples: their SW2 converges to this draw's value, not to the floor's mean.
         draw = problem.reference_sw2
         rows.append(["exact PF ODE, same starts", "", *[_g(draw) for _ in budgets], ""])
-        rows.append(["best ours − exact PF ODE", "", *[f"{best[b] - draw:+.4f}" if best[b] else "-" for b in budgets], ""])
+        rows.append(["best ours − exact PF ODE", "", *[f"{best[b] - draw:+.4f}" if best[b] is not None else "-" for b in budgets], ""])
         peer_floor = PEER_FLOOR.get(dim)
         if peer_floor:
             excess = [f"{p - peer_floor[0]:+.4f}" if p is not None else "-" for p in peer_row]

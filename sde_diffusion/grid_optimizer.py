@@ -155,8 +155,9 @@ def optimize_grid(
     if not candidates or not all(isinstance(g, AbstractTimeGrid) for g in candidates):
         raise TypeError(f"initial_grid must be a time grid or a non-empty sequence of them, got {initial_grid!r}")
     candidate_times = [jnp.asarray(g.times(sde, t_start, t_end, method.num_steps), dtype) for g in candidates]
-    for ts in candidate_times:
-        if not bool(jnp.all(jnp.diff(0.5 * jax.vmap(sde.log_snr)(ts)) > 0)):
+    candidate_increments = [jnp.diff(0.5 * jax.vmap(sde.log_snr)(ts)) for ts in candidate_times]
+    for ts, increments in zip(candidate_times, candidate_increments):
+        if not bool(jnp.all(increments > 0)):
             raise ValueError(f"initial_grid must give strictly decreasing times, got {ts}")
     lam0, lam_end = (0.5 * sde.log_snr(jnp.asarray(t, dtype)) for t in (t_start, t_end))
     span = lam_end - lam0
@@ -195,7 +196,7 @@ def optimize_grid(
     losses = [float(evaluate(ts, x_train, y_train)) for ts in candidate_times]
     chosen = min(range(len(candidates)), key=lambda i: losses[i] if math.isfinite(losses[i]) else math.inf)
     ts_init = candidate_times[chosen]
-    theta = jnp.log(jnp.diff(0.5 * jax.vmap(sde.log_snr)(ts_init)) / span)
+    theta = jnp.log(candidate_increments[chosen] / span)
 
     # -- optimisation --------------------------------------------------------------------------
     def loss(theta: Array, x: Array, y: Array) -> tuple[Array, Array]:

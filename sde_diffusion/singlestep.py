@@ -23,7 +23,7 @@ import abc
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array
+from jaxtyping import Array, ArrayLike
 
 from .grids import AbstractTimeGrid, KarrasSigma, UniformLogSNR
 from .sample import AbstractGridSampler, GridCoordinates, sampling_noise
@@ -34,14 +34,15 @@ class Evaluation(eqx.Module):
     update of the carry: ``u ← weights · (x, D_prev, u, D)``, then ``x ← u`` if ``advance``."""
 
     t: Array
-    scale: Array
-    noise: Array
-    weights: Array  # (4,)
+    weights: Array  # (4,): see ``combination``
     advance: Array = eqx.field(converter=jnp.asarray)  # bool: the evaluation completes a step
+    scale: Array = eqx.field(default=1.0, converter=jnp.asarray)
+    noise: Array = eqx.field(default=0.0, converter=jnp.asarray)
 
-
-def _weights(x=0.0, d_prev=0.0, u=0.0, d=0.0) -> Array:
-    return jnp.stack(jnp.broadcast_arrays(*map(jnp.asarray, (x, d_prev, u, d))))
+    @staticmethod
+    def combination(x: ArrayLike = 0.0, d_prev: ArrayLike = 0.0, u: ArrayLike = 0.0, d: ArrayLike = 0.0) -> Array:
+        """The ``weights`` of ``x · x + d_prev · D_prev + u · u + d · D``."""
+        return jnp.stack(jnp.broadcast_arrays(*map(jnp.asarray, (x, d_prev, u, d))))
 
 
 class AbstractTwoStage(AbstractGridSampler):
@@ -113,14 +114,12 @@ class DPMSolverPP2S(AbstractTwoStage):
         h = c.lam[i + 1] - c.lam[i]
         t_mid = c.sde.t_from_log_snr(2 * (c.lam[i] + h / 2))
         alpha_mid, sigma_mid = c.sde.alpha(t_mid), c.sde.sigma(t_mid)
-        one, zero = jnp.ones_like(h), jnp.zeros_like(h)
-        first = Evaluation(c.ts[i], one, zero, _weights(x=sigma_mid / c.sigma[i], d=-alpha_mid * jnp.expm1(-h / 2)), False)
-        step = _weights(x=c.sigma[i + 1] / c.sigma[i], d=-c.alpha[i + 1] * jnp.expm1(-h))
-        return first, Evaluation(t_mid, one, zero, step, True)
+        first = Evaluation(c.ts[i], Evaluation.combination(x=sigma_mid / c.sigma[i], d=-alpha_mid * jnp.expm1(-h / 2)), False)
+        step = Evaluation.combination(x=c.sigma[i + 1] / c.sigma[i], d=-c.alpha[i + 1] * jnp.expm1(-h))
+        return first, Evaluation(t_mid, step, True)
 
     def to_data(self, c, i):
-        one, zero = jnp.ones_like(c.ts[i]), jnp.zeros_like(c.ts[i])
-        return Evaluation(c.ts[i], one, zero, _weights(d=c.alpha[i + 1]), True)
+        return Evaluation(c.ts[i], Evaluation.combination(d=c.alpha[i + 1]), True)
 
 
 class EDMHeun(AbstractTwoStage):
@@ -170,11 +169,10 @@ class EDMHeun(AbstractTwoStage):
         t, sigma_hat, noise = self._churned(c, i)
         sigma_next = jnp.exp(-c.lam[i + 1])
         ratio, half = sigma_next / sigma_hat, 0.5 * (sigma_next - sigma_hat)
-        zero = jnp.zeros_like(t)
-        first = Evaluation(t, c.sde.alpha(t), noise, _weights(x=ratio, d=1 - ratio), False)
-        step = _weights(x=1 + half / sigma_hat, d_prev=-half / sigma_hat, u=half / sigma_next, d=-half / sigma_next)
-        return first, Evaluation(c.ts[i + 1], c.alpha[i + 1], zero, step, True)
+        first = Evaluation(t, Evaluation.combination(x=ratio, d=1 - ratio), False, c.sde.alpha(t), noise)
+        step = Evaluation.combination(x=1 + half / sigma_hat, d_prev=-half / sigma_hat, u=half / sigma_next, d=-half / sigma_next)
+        return first, Evaluation(c.ts[i + 1], step, True, c.alpha[i + 1])
 
     def to_data(self, c, i):
         t, _, noise = self._churned(c, i)
-        return Evaluation(t, c.sde.alpha(t), noise, _weights(d=c.alpha[i + 1]), True)
+        return Evaluation(t, Evaluation.combination(d=c.alpha[i + 1]), True, c.sde.alpha(t), noise)

@@ -90,10 +90,9 @@ class MidpointInSigmaHat(sd.AbstractTwoStage):
         s0, s1 = jnp.exp(-c.lam[i]), jnp.exp(-c.lam[i + 1])
         h, s_mid = s1 - s0, 0.5 * (s0 + s1)
         t_mid = c.sde.t_from_log_snr(-2 * jnp.log(s_mid))
-        w = lambda **kw: jnp.stack([jnp.asarray(kw.get(k, 0.0), s0.dtype) for k in ("x", "d_prev", "u", "d")])  # noqa: E731
-        zero = jnp.zeros_like(s0)
-        first = sd.Evaluation(c.ts[i], c.alpha[i], zero, w(x=1 + h / (2 * s0), d=-h / (2 * s0)), False)
-        second = sd.Evaluation(t_mid, c.sde.alpha(t_mid), zero, w(x=1.0, u=h / s_mid, d=-h / s_mid), True)
+        w = sd.Evaluation.combination
+        first = sd.Evaluation(c.ts[i], w(x=1 + h / (2 * s0), d=-h / (2 * s0)), False, scale=c.alpha[i])
+        second = sd.Evaluation(t_mid, w(x=1.0, u=h / s_mid, d=-h / s_mid), True, scale=c.sde.alpha(t_mid))
         return first, second
 
     def to_data(self, c, i):
