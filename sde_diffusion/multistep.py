@@ -8,7 +8,8 @@ in its linear part (Lu et al. 2022):
 and the methods differ in how they extrapolate ``D`` (or ``ε``) from the last few evaluations.
 Every step is linear in the history, ``x_{i+1} = a_i x_i + Σ_j b_ij P_{i−j} (+ c_i z_i)``, so the
 coefficients are computed for the whole grid before the loop and the loop itself is one model
-call and one fused combination per step (``lax.scan``, no Python loop). One evaluation per step:
+call and one fused combination per step (``lax.scan``, no Python loop); a corrector (UniPC) is
+folded into the next step's coefficients (``_coefficients``). One evaluation per step:
 ``nfe = num_steps``. Warm-up steps use the orders the history allows; ``lower_order_final`` lowers
 the order of the last steps (``k ≤ N − i``) as DPM-Solver and UniPC do; a step to ``σ = 0`` is
 first order.
@@ -78,41 +79,47 @@ class AbstractMultistep(AbstractGridSampler):
             for n in range(len(per_order[0]))
         )
 
-    def integrate(self, denoise, c, x, key, ends_at_zero_noise):
-        n, slots = self.num_steps, self.order
-        steps = jnp.arange(n)
-        # History is a ring buffer: P_m lives in slot m mod K, so no copies per step; the weight
-        # b_ij of P_{i−j} moves to slot (i − j) mod K.
-        to_slots = jax.vmap(lambda b, i: b[(i - jnp.arange(slots)) % slots])
+    def _coefficients(self, c: GridCoordinates) -> tuple[Array, Array]:
+        """``(A, W)`` of every step written in the points where the model is evaluated:
+        ``x̃_{i+1} = A_i x̃_i + Σ_j W_ij P_{i−j}``. Without a corrector ``x̃ = x`` and these are the
+        predictor's ``(a, b)``. With one, the state ``x_i = c x_{i−1} + Σ β P + β_new P_i`` is
+        eliminated through ``x̃_i = a x_{i−1} + Σ b P``: ``x_i = r_i x̃_i + Σ_j v_ij P_{i−j}`` with
+        ``r_i = c_{i−1}/a_{i−1}``, ``v_i = (β_new, β − r_i b)_{i−1}``, so ``A_i = a_i r_i`` and
+        ``W_i = b_i + a_i v_i``: one combination per step, as for any multistep method."""
+        steps = jnp.arange(self.num_steps)
         a, b = jax.vmap(lambda i: self._table(c, i, self.predictor))(steps)
-        b = to_slots(b, steps)
-        corrected = self.corrector(c, jnp.array(0), 1) is not None
-        if corrected:
-            a_c, b_c, b_new = jax.vmap(lambda i: self._table(c, i, self.corrector))(steps)
-            b_c = to_slots(b_c, steps)
+        if self.corrector(c, jnp.array(0), 1) is None:
+            return a, b
+        if self.noise_scale(c, 0) is not None:
+            raise NotImplementedError("a corrector with fresh noise per step is not supported")
+        c_, beta, beta_new = jax.vmap(lambda i: self._table(c, i, self.corrector))(steps)
+        r = jnp.concatenate([jnp.ones_like(a[:1]), c_[:-1] / a[:-1]])
+        v = jnp.concatenate([beta_new[:-1, None], beta[:-1] - r[1:, None] * b[:-1]], axis=1)
+        v = jnp.concatenate([jnp.zeros_like(v[:1]), v])
+        return a * r, jnp.pad(b, ((0, 0), (0, 1))) + a[:, None] * v
+
+    def integrate(self, denoise, c, x, key, ends_at_zero_noise):
+        steps = jnp.arange(self.num_steps)
+        a, b = self._coefficients(c)
+        # History ring buffer: P_m lives in slot m mod S (no copies per step); weights moved to
+        # their slots before the loop.
+        slots = b.shape[1]
+        slot = (steps[:, None] - jnp.arange(slots)) % slots
+        b = jnp.zeros_like(b).at[steps[:, None], slot].set(b)
         noise = jax.vmap(lambda i: self.noise_scale(c, i))(steps) if self.noise_scale(c, 0) is not None else None
-
-        def evaluate(i, x_i):
-            return self.prediction(c.alpha[i], c.sigma[i], x_i, denoise(c.ts[i], x_i))
-
-        def predict(i, x_i, history):
-            x_next = a[i] * x_i + jnp.tensordot(b[i], history, axes=1)
-            if noise is not None:
-                x_next = x_next + noise[i] * sampling_noise(jax.random.fold_in(key, i), x_i.shape, x_i.dtype)
-            return x_next
 
         def step(carry, i):
             x_i, history = carry
-            x_next = predict(i, x_i, history)
-            p_next = evaluate(i + 1, x_next)
-            if corrected:
-                x_next = a_c[i] * x_i + jnp.tensordot(b_c[i], history, axes=1) + b_new[i] * p_next
-            history = jax.lax.dynamic_update_index_in_dim(history, p_next, (i + 1) % slots, 0)
+            p_i = self.prediction(c.alpha[i], c.sigma[i], x_i, denoise(c.ts[i], x_i))
+            history = jax.lax.dynamic_update_index_in_dim(history, p_i, i % slots, 0)
+            # elementwise, not tensordot: XLA fuses it into one pass over the buffer
+            x_next = a[i] * x_i + sum(b[i, j] * history[j] for j in range(slots))
+            if noise is not None:
+                x_next = x_next + noise[i] * sampling_noise(jax.random.fold_in(key, i), x_i.shape, x_i.dtype)
             return (x_next, history), None
 
-        history = jnp.zeros((slots,) + x.shape, x.dtype).at[0].set(evaluate(0, x))
-        (x, history), _ = jax.lax.scan(step, (x, history), steps[:-1])
-        return predict(n - 1, x, history)
+        (x, _), _ = jax.lax.scan(step, (x, jnp.zeros((slots,) + x.shape, x.dtype)), steps)
+        return x
 
 
 def _first_order(c: GridCoordinates, i: Array) -> tuple[Array, Array, Array]:

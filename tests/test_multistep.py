@@ -138,6 +138,42 @@ def test_ddim_eta_one_samples_the_ddpm_posterior(x64):
     np.testing.assert_allclose(std**2, post_var, rtol=1e-10)
 
 
+@pytest.mark.parametrize("order", [2, 3])
+def test_unipc_matches_the_textbook_predictor_corrector_loop(x64, order):
+    """The sampler folds UniC into the next predictor (one combination per step); the plain loop
+    x̃_{i+1} = a x_i + Σ b P, P_{i+1} = P(x̃_{i+1}), x_{i+1} = c x_i + Σ β P + β_new P_{i+1} agrees."""
+    from sde_diffusion.sample import GridCoordinates
+
+    sde, method = sd.EDM(), sd.UniPC(7, order=order)
+    data = sd.GaussianMixture.ring(jax.random.key(0))
+    denoise = jax.vmap(partial(data.denoiser, sde), in_axes=(None, 0))
+    x = data.marginal_sample(sde, 80.0, jax.random.key(1), 16)
+    c = GridCoordinates(sde, method.grid.times(sde, 80.0, 0.002, method.num_steps))
+    history = [denoise(c.ts[0], x)]
+    for i in range(method.num_steps):
+        a, b = method._table(c, jnp.array(i), method.predictor)
+        weigh = lambda w: sum(w[j] * history[-1 - j] for j in range(min(len(w), len(history))))  # noqa: E731
+        x_pred = a * x + weigh(b)
+        if i == method.num_steps - 1:
+            break
+        p_next = denoise(c.ts[i + 1], x_pred)
+        a_c, b_c, b_new = method._table(c, jnp.array(i), method.corrector)
+        x = a_c * x + weigh(b_c) + b_new * p_next
+        history.append(p_next)
+    ours = method(sde, sd.Denoiser(partial(data.denoiser, sde)), jax.random.key(0),
+                  data.marginal_sample(sde, 80.0, jax.random.key(1), 16), 80.0, 0.002)[0]  # fmt: skip
+    np.testing.assert_allclose(ours, x_pred, rtol=1e-10, atol=1e-12)
+
+
+def test_a_corrector_with_fresh_noise_is_refused():
+    class NoisyUniPC(sd.UniPC):
+        def noise_scale(self, c, i):
+            return jnp.zeros(())
+
+    with pytest.raises(NotImplementedError, match="corrector"):
+        sd.sample(sd.EDM(), sd.Denoiser(lambda t, x: x), jax.random.key(0), (4, 2), method=NoisyUniPC(3))
+
+
 def test_invalid_configurations():
     with pytest.raises(ValueError, match="orders"):
         sd.DPMSolverPP(5, order=4)
