@@ -1,3 +1,10 @@
+import os
+
+# The suite is bound by XLA compilation (small arrays, many configurations): LLVM at -O0 compiles
+# 15–20 % faster. Set before JAX creates its backend; subprocesses (notebook kernels, CLI runs)
+# inherit it. Benchmarks and the library itself keep XLA's defaults.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+
 import jax
 import pytest
 
