@@ -127,4 +127,5 @@ def test_quick_run_skips_overhead_and_measures_it_on_request(quick, x64):
     for r in rows:
         assert r["dim"] == 64 and r["nfe"] == bench.OVERHEAD_NFE
         # a sampler making NFE model calls cannot be much faster than NFE bare calls
-        assert math.isfinite(r["overhead"]) and r["overhead_per_nfe"] > 0.5
+        assert math.isfinite(r["overhead"]) and r["overhead_per_nfe"] > 0.5 and r["overhead_of_minima"] > 0.5
+    assert "ratio of minima" in bench.overhead_table(bare_seconds, rows)
