@@ -3,7 +3,9 @@ import os
 # The suite is bound by XLA compilation (small arrays, many configurations): LLVM at -O0 compiles
 # 15–20 % faster. Set before JAX creates its backend; subprocesses (notebook kernels, CLI runs)
 # inherit it. Benchmarks and the library itself keep XLA's defaults.
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+_FAST_COMPILE = "--xla_backend_optimization_level=0"
+if _FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):  # xdist workers inherit the controller's
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FAST_COMPILE).strip()
 
 import jax
 import pytest
