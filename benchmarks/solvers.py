@@ -533,7 +533,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="batch 512, traj 256, budgets 5 10, a few methods")
     p.add_argument("--overhead", action=argparse.BooleanOptionalAction, default=None,
                    help="time NFE-20 samplers against bare denoiser calls (d = 64; default on, off in --quick)")  # fmt: skip
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per overhead measurement (median)")
+    p.add_argument("--repeats", type=int, default=7, help="timed runs per overhead measurement (median and minimum)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = p.parse_args(argv)
