@@ -137,14 +137,27 @@ class GaussianMixture(eqx.Module):
         """``∇ log p0(x)``."""
         return _average(*self._posterior(1.0, 0.0, x)[:2])
 
-    def sample(self, key: PRNGKeyArray, n: int) -> Array:
-        """``n`` exact samples, shape ``(n, d)``."""
-        return self.sample_with_components(key, n)[0]
+    def sample(self, key: PRNGKeyArray, n: int, stratified: bool = False) -> Array:
+        """``n`` exact samples, shape ``(n, d)`` (``stratified``: see ``sample_with_components``)."""
+        return self.sample_with_components(key, n, stratified)[0]
 
-    def sample_with_components(self, key: PRNGKeyArray, n: int) -> tuple[Array, Array]:
-        """``k_i ~ π``, ``x_i ~ N(μ_{k_i}, C_{k_i})``: ``x`` ``(n, d)``, ``k`` ``(n,)`` int32."""
+    def sample_with_components(self, key: PRNGKeyArray, n: int, stratified: bool = False) -> tuple[Array, Array]:
+        """``k_i ~ π``, ``x_i ~ N(μ_{k_i}, C_{k_i})``: ``x`` ``(n, d)``, ``k`` ``(n,)`` int32.
+
+        ``stratified``: ``k_i = F⁻¹((π(i) + u)/n)`` for one ``u ~ U(0, 1)`` and a random permutation
+        ``π`` (systematic sampling, shuffled), so each ``k_i`` is still ``~ π`` but every component
+        gets ``⌊nπ_k⌋`` or ``⌈nπ_k⌉`` points. The set then carries no multinomial noise in its
+        component counts, which on a well-separated mixture is most of the distance between two
+        sample sets (10 components, d = 64, n = 20000: sliced W2 0.0105 ± 0.0001 between two
+        stratified sets, 0.017 ± 0.002 between two i.i.d. ones).
+        """
         component_key, noise_key = jax.random.split(key)
-        k = jax.random.categorical(component_key, jnp.log(self.weights), shape=(n,))
+        if stratified:
+            offset_key, order_key = jax.random.split(component_key)
+            u = (jax.random.permutation(order_key, n) + jax.random.uniform(offset_key, dtype=self.weights.dtype)) / n
+            k = jnp.minimum(jnp.searchsorted(jnp.cumsum(self.weights), u, side="right"), self.weights.shape[0] - 1)
+        else:
+            k = jax.random.categorical(component_key, jnp.log(self.weights), shape=(n,))
         k = k.astype(jnp.int32)
         eps = jax.random.normal(noise_key, (n, self.dim), dtype=self.means.dtype)
         z = jnp.sqrt(self.variances[k]) * eps
@@ -167,11 +180,12 @@ class GaussianMixture(eqx.Module):
         log_joint, _, mean = self._posterior(*self._transition(sde, t), x)
         return _average(log_joint, mean)
 
-    def marginal_sample(self, sde: SDELike, t: ArrayLike, key: PRNGKeyArray, n: int) -> Array:
-        """``n`` exact samples of ``p_t``: ``x0 ~ p0``, then ``x_t = A x0 + Q^{1/2} ε``."""
+    def marginal_sample(self, sde: SDELike, t: ArrayLike, key: PRNGKeyArray, n: int, stratified: bool = False) -> Array:
+        """``n`` exact samples of ``p_t``: ``x0 ~ p0`` (``stratified``: see ``sample_with_components``),
+        then ``x_t = A x0 + Q^{1/2} ε``."""
         a, q = self._transition(sde, t)
         data_key, noise_key = jax.random.split(key)
-        x0 = self.sample(data_key, n)
+        x0 = self.sample(data_key, n, stratified)
         eps = jax.random.normal(noise_key, x0.shape, dtype=x0.dtype)
         if jnp.ndim(a) == 0:
             return a * x0 + jnp.sqrt(q) * eps

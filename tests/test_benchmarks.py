@@ -89,6 +89,7 @@ def test_quick_run_has_the_expected_rows_with_honest_nfe(quick):
             _find(rows, "PF-Tsit5-PID", "UniformLogSNR", dim, "adaptive", tol)
     for r in rows:
         assert int(r["nfe"]) > 0 and math.isfinite(float(r["sw2"])) and float(r["sw2"]) > 0
+        assert math.isfinite(float(r["sw2_stratified"])) and float(r["sw2_stratified"]) > 0
         stochastic = r["method"] in {e.name for e in bench.FIXED if e.stochastic}
         if stochastic:
             assert math.isnan(float(r["traj"]))
@@ -110,6 +111,12 @@ def test_quick_run_errors_behave(quick):
         # ... and paired with the exact PF ODE of the same starts: |ΔSW2| ≤ per-coordinate RMS distance
         draw = summary["problems"][dim].reference_sw2
         assert abs(float(tight["sw2"]) - draw) <= 3 * float(tight["traj"]) + 1e-12, (tight, draw)
+        # exact component counts in one set, then in both, take the counts' noise out of the floor ...
+        problem = summary["problems"][dim]
+        assert problem.floor_stratified[0] < problem.floor_against_stratified[0] < problem.floor[0]
+        # ... and against the stratified target the tight solve pairs with the exact PF ODE as above
+        draw = problem.reference_sw2_against_stratified
+        assert abs(float(tight["sw2_stratified"]) - draw) <= 3 * float(tight["traj"]) + 1e-12, (tight, draw)
         # Euler–Maruyama with 5 steps is far from the target
         assert float(_find(rows, "EulerMaruyama", "KarrasSigma", dim, 5)["sw2"]) > 3 * floor_mean
         # first-order deterministic methods: more NFE, smaller trajectory error

@@ -363,6 +363,29 @@ def test_sample_with_components(x64):
         np.testing.assert_array_less(np.abs(x[k == j].mean(0) - means[j]), 5 * mean_se)
 
 
+def test_stratified_sample_has_exact_counts_and_each_point_is_still_drawn_from_the_mixture(x64):
+    gm = full_mixture()
+    weights, means, covs = by_hand_mixture("full", 1.0, 0.0)
+    n = 1001
+    x, k = gm.sample_with_components(jax.random.key(0), n, stratified=True)
+    counts = np.bincount(np.asarray(k), minlength=3)
+    assert counts.sum() == n and np.all(np.abs(counts - n * weights) < 1), (counts, n * weights)
+    np.testing.assert_array_equal(gm.sample(jax.random.key(0), n, stratified=True), x)
+    for j in range(3):  # given its component, a point is N(μ_k, C_k)
+        mean_se = np.sqrt(np.diag(covs[j]) / counts[j])
+        np.testing.assert_array_less(np.abs(np.asarray(x)[np.asarray(k) == j].mean(0) - means[j]), 5 * mean_se)
+    # over draws, the component of one fixed index is ~ π (the shuffle leaves no position bias)
+    draws = jax.vmap(lambda key: gm.sample_with_components(key, 7, stratified=True)[1][3])(
+        jax.random.split(jax.random.key(1), 4000)
+    )
+    freq = np.bincount(np.asarray(draws), minlength=3) / 4000
+    np.testing.assert_array_less(np.abs(freq - weights), 5 * np.sqrt(weights * (1 - weights) / 4000))
+    sde, t = SDES["VP"]
+    marginal = gm.marginal_sample(sde, t, jax.random.key(2), 100_000, stratified=True)
+    a, q = sde.transition(t)
+    assert_moments(marginal, a * gm.mean(), a**2 * gm.covariance() + q * np.eye(D))
+
+
 def class_log_probs(gm, sde, t, x, classes):
     return jax.vmap(lambda y: gm.class_log_probs(sde, t, y, classes))(x)
 
