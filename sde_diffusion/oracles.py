@@ -144,8 +144,9 @@ class GaussianMixture(eqx.Module):
     def sample_with_components(self, key: PRNGKeyArray, n: int, stratified: bool = False) -> tuple[Array, Array]:
         """``k_i ~ π``, ``x_i ~ N(μ_{k_i}, C_{k_i})``: ``x`` ``(n, d)``, ``k`` ``(n,)`` int32.
 
-        ``stratified``: ``k_i = F⁻¹((π(i) + u)/n)`` for one ``u ~ U(0, 1)`` and a random permutation
-        ``π`` (systematic sampling, shuffled), so each ``k_i`` is still ``~ π`` but every component
+        ``stratified``: ``k_i = F⁻¹((ρ(i) + u)/n)`` for one ``u ~ U(0, 1)`` and a random permutation
+        ``ρ`` of ``0 … n−1`` (systematic sampling, shuffled; ``F`` the CDF of ``π`` over components),
+        so each ``k_i`` is still ``~ π`` but every component
         gets ``⌊nπ_k⌋`` or ``⌈nπ_k⌉`` points. The set then carries no multinomial noise in its
         component counts, which on a well-separated mixture is most of the distance between two
         sample sets (10 components, d = 64, n = 20000: sliced W2 0.0105 ± 0.0001 between two

@@ -5,10 +5,11 @@ On the grid ``τ_0 < … < τ_N`` with ``h_i = τ_{i+1} − τ_i``:
     k_j = F(τ_i + c_j h_i, y_i + h_i Σ_{l<j} a_jl k_l),   y_{i+1} = y_i + h_i Σ_j b_j k_j.
 
 ``diffeqsolve`` runs the same steps, but its stage loop has a traced stage index, so each stage
-contracts the whole stage buffer (``s`` slots) and writes it back; on a 20000 × 64 float64 state
-Tsit5 took 1.25–1.3× the time of as many bare model calls, against 1.10× here. Here the loop runs once per evaluation
-(one copy of ``F`` in the compiled body: a body with several model calls ran slower on CPU) and a
-``lax.switch`` on the stage picks a combination that reads only the slots with a nonzero weight.
+contracts the whole stage buffer (``s`` slots) and writes it back: on a 20000 × 64 float64 state
+Tsit5 took 1.25–1.3× the time of as many bare model calls, against 1.10–1.15× here. Here the loop
+runs once per evaluation (one copy of ``F`` in the compiled body: a body with several model calls
+ran slower on CPU) and a ``lax.switch`` on the stage picks a combination that reads only the slots
+with a nonzero weight.
 First-same-as-last tableaus reuse the last stage as the next step's ``k_0``, as diffrax does, so the
 evaluations are the same: ``1 + (s − 1) N`` (FSAL) or ``s N``.
 """
