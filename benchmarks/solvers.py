@@ -182,25 +182,32 @@ PEER_OVERHEAD = (
 
 
 class SlicedW2:
-    """``sd.sliced_wasserstein(x, target, key, num_projections)`` against a fixed ``target``, with
-    the same directions (drawn from ``key`` exactly as the library does) but sorted by numpy and the
-    target's projections sorted once. Same number (tests/test_benchmarks.py checks it); on CPU, XLA's
-    sort of a (20000, 512) array takes seconds where numpy's takes tens of milliseconds."""
+    """``sd.sliced_wasserstein(x, target, key, num_projections)`` against a fixed ``target`` (and any
+    ``extra_targets``, on the same directions), drawn from ``key`` exactly as the library does but
+    sorted by numpy, the targets' projections sorted once and ``x``'s once for all targets. Same
+    number (tests/test_benchmarks.py checks it); on CPU, XLA's sort of a (20000, 512) array takes
+    seconds where numpy's takes tens of milliseconds."""
 
-    def __init__(self, target: jax.Array, key: jax.Array, num_projections: int = 512):
+    def __init__(self, target: jax.Array, key: jax.Array, num_projections: int = 512, extra_targets=()):
         target = jnp.asarray(target).reshape(target.shape[0], -1)
         theta = jax.random.normal(key, (target.shape[1], num_projections), dtype=target.dtype)
         self.theta = np.asarray(theta / jnp.linalg.norm(theta, axis=0))
-        self.sorted_target = self._sorted(target)
+        self.sorted_targets = [self._sorted(t) for t in (target, *extra_targets)]
 
     def _sorted(self, x) -> np.ndarray:
         x = np.asarray(x).reshape(x.shape[0], -1)
         return np.sort(self.theta.T @ x.T, axis=-1)  # (projections, n): sort along the contiguous axis
 
+    def each(self, x) -> list[float]:
+        """SW2 of ``x`` against ``target``, then each of ``extra_targets``."""
+        n = self.sorted_targets[0].shape[1]
+        if x.shape[0] != n:
+            raise ValueError(f"need {n} samples, got {x.shape[0]}")
+        projected = self._sorted(x)
+        return [float(np.sqrt(np.mean((projected - t) ** 2))) for t in self.sorted_targets]
+
     def __call__(self, x) -> float:
-        if x.shape[0] != self.sorted_target.shape[1]:
-            raise ValueError(f"need {self.sorted_target.shape[1]} samples, got {x.shape[0]}")
-        return float(np.sqrt(np.mean((self._sorted(x) - self.sorted_target) ** 2)))
+        return self.each(x)[0]
 
 
 @dataclasses.dataclass
@@ -217,12 +224,11 @@ class Problem:
     reference: jax.Array  # (batch, d) PF-ODE endpoints of starts: exact samples of p_0.002 paired with them
     reference_nfe: int
     sample_key: jax.Array
-    sw2: SlicedW2  # against target
+    sw2: SlicedW2  # against target, then the stratified target
     floor: tuple[float, float, float, float, int]  # SW2 / data std of two exact sets: mean, std, min, max, repeats
     reference_sw2: float  # SW2 / data std of reference against target: the floor of this very draw
-    # with component-stratified sets (exact counts, `stratified=True`): SW2 against a stratified target,
-    # the floor of an i.i.d. set against a stratified one and of two stratified ones, the reference's
-    sw2_stratified: SlicedW2
+    # with component-stratified sets (exact counts, `stratified=True`): the floor of an i.i.d. set
+    # against a stratified one and of two stratified ones, the reference against a stratified target
     floor_against_stratified: tuple[float, float, float, float, int]
     floor_stratified: tuple[float, float, float, float, int]
     reference_sw2_against_stratified: float
@@ -253,14 +259,14 @@ def build_problem(dim: int, seed: int, batch: int, floor_repeats: int = 10) -> P
             values.append(SlicedW2(a, k3)(b) / data_std)
         return statistics.mean(values), statistics.stdev(values), min(values), max(values), floor_repeats
 
-    sw2 = SlicedW2(target, k_proj)
     stratified_target = mixture.marginal_sample(sde, sde.t0, k_target, batch, stratified=True)
-    sw2_stratified = SlicedW2(stratified_target, k_proj)
+    sw2 = SlicedW2(target, k_proj, extra_targets=[stratified_target])
+    reference_sw2, reference_sw2_against_stratified = (v / data_std for v in sw2.each(reference))
     return Problem(
         dim, sde, mixture, model, data_std, starts, target, reference, info.nfe, k_sample, sw2,
-        floor(k_floor, (False, False)), sw2(reference) / data_std, sw2_stratified,
+        floor(k_floor, (False, False)), reference_sw2,
         floor(jax.random.fold_in(k_floor, 1), (False, True)), floor(jax.random.fold_in(k_floor, 2), (True, True)),
-        sw2_stratified(reference) / data_std,
+        reference_sw2_against_stratified,
     )  # fmt: skip
 
 
@@ -286,8 +292,8 @@ def run_one(problem: Problem, method: sd.AbstractSamplingMethod, stochastic: boo
         err = np.asarray(x[:traj_points] - problem.reference[:traj_points])
         per_point = np.sqrt(np.mean(err**2, axis=-1)) / problem.data_std  # per-coordinate RMSE of each point
         traj, traj_worst = float(np.sqrt(np.mean(per_point**2))), float(np.max(per_point))
-    return dict(nfe=info.nfe, traj=traj, traj_worst=traj_worst, sw2=problem.sw2(x) / problem.data_std,
-                sw2_stratified=problem.sw2_stratified(x) / problem.data_std, seconds=seconds)
+    sw2, sw2_stratified = (v / problem.data_std for v in problem.sw2.each(x))
+    return dict(nfe=info.nfe, traj=traj, traj_worst=traj_worst, sw2=sw2, sw2_stratified=sw2_stratified, seconds=seconds)
 
 
 def _timer(fn: Callable[[], object], min_seconds: float = 0.05) -> Callable[[], float]:
@@ -375,10 +381,15 @@ def metric_table(metric: str, dim: int, results: list[dict], fixed_rows: list[tu
     """One markdown table: rows method × grid, columns budgets + adaptive; '*' marks our best."""
     by_key = {(r["method"], r["grid"], r["budget"]): r for r in results if r["dim"] == dim and r["budget"] != "adaptive"}
     stochastic = {e.name for e, _ in fixed_rows if e.stochastic}
-    best = {}
-    for b in budgets:
-        vals = [r[metric] for (m, g, bb), r in by_key.items() if bb == b and math.isfinite(r[metric])]
-        best[b] = min(vals) if vals else None
+
+    def best_of(column: str) -> dict:
+        """Per budget, the lowest finite ``column`` over the fixed-step rows (None if none)."""
+        return {
+            b: min((r[column] for (m, g, bb), r in by_key.items() if bb == b and math.isfinite(r[column])), default=None)
+            for b in budgets
+        }  # fmt: skip
+
+    best = best_of(metric)
     header = ["method", "grid", *[f"NFE {b}" for b in budgets], "adaptive (NFE→error)"]
     rows = []
     for entry, grid in fixed_rows:
@@ -424,11 +435,8 @@ def metric_table(metric: str, dim: int, results: list[dict], fixed_rows: list[tu
         if peer_floor:
             excess = [f"{p - peer_floor[0]:+.4f}" if p is not None else "-" for p in peer_row]
             rows.append([f"best peer − PEERS floor {peer_floor[0]}", "", *excess, ""])
-        stratified = [
-            min((r["sw2_stratified"] for (m, g, bb), r in by_key.items() if bb == b and math.isfinite(r["sw2_stratified"])), default=None)
-            for b in budgets
-        ]  # fmt: skip
-        rows.append(["best ours, stratified target", "", *[_g(v) for v in stratified], ""])
+        stratified = best_of("sw2_stratified")
+        rows.append(["best ours, stratified target", "", *[_g(stratified[b]) for b in budgets], ""])
         rows.append(["exact PF ODE, stratified target", "", *[_g(problem.reference_sw2_against_stratified) for _ in budgets], ""])
     title = {"traj": "traj: RMSE to the exact PF-ODE endpoint / data std", "sw2": "SW2 to exact samples / data std"}
     out = [f"### {title[metric]}, d = {dim}", "", "cells: error (actual NFE); * = our best in the column", ""]
