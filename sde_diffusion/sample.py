@@ -184,10 +184,9 @@ class ProbabilityFlow(AbstractSamplingMethod):
         else:
             taus = jnp.linspace(0.0, 1.0, self.num_steps + 1, dtype=x_start.dtype)
             if isinstance(self.solver, diffrax.AbstractERK):
-                per_step, extra = evaluations_per_step(self.solver)
                 x = explicit_runge_kutta(lambda tau, x: field(tau, x, None), self.solver.tableau, taus, x_start)
                 n = self.num_steps
-                return x, SampleInfo(extra + per_step * n, n, n, 0)
+                return x, _info(dict(num_steps=n, num_accepted_steps=n, num_rejected_steps=0), self.solver)
             controller = diffrax.StepTo(taus)
         sol = diffrax.diffeqsolve(
             diffrax.ODETerm(field),

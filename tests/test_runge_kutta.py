@@ -18,6 +18,12 @@ def _linear_field(t, y):
     return jnp.cos(t) * (y @ a.T)
 
 
+def _by_diffeqsolve(field, solver, ts, y0):
+    """``y_N`` from ``diffeqsolve`` with the same solver on the steps of ``ts``."""
+    term = diffrax.ODETerm(lambda t, y, args: field(t, y))
+    return diffrax.diffeqsolve(term, solver(), ts[0], ts[-1], None, y0, stepsize_controller=diffrax.StepTo(ts)).ys[-1]
+
+
 @pytest.mark.parametrize("solver", ERK, ids=lambda s: s.__name__)
 def test_same_steps_and_evaluations_as_diffeqsolve(x64, solver):
     ts = jnp.sort(jax.random.uniform(jax.random.key(0), (6,), minval=0.0, maxval=2.0))  # uneven steps
@@ -30,10 +36,7 @@ def test_same_steps_and_evaluations_as_diffeqsolve(x64, solver):
 
     ours = jax.jit(lambda y: explicit_runge_kutta(counted, solver.tableau, ts, y))(y0)
     jax.effects_barrier()
-    reference = diffrax.diffeqsolve(
-        diffrax.ODETerm(lambda t, y, args: _linear_field(t, y)), solver(), ts[0], ts[-1], None, y0,
-        stepsize_controller=diffrax.StepTo(ts),
-    ).ys[-1]  # fmt: skip
+    reference = _by_diffeqsolve(_linear_field, solver, ts, y0)
     np.testing.assert_allclose(ours, reference, rtol=1e-13, atol=1e-14)
     per_step, extra = evaluations_per_step(solver())
     assert len(calls) == extra + per_step * (ts.shape[0] - 1)
@@ -75,10 +78,5 @@ def test_reverse_mode_gradient_matches_diffeqsolve(x64, solver):
         return _linear_field(t, y) + 0.1 * y**2  # nonlinear, so the gradient depends on the path
 
     ours = jax.grad(lambda y: explicit_runge_kutta(field, solver.tableau, ts, y).sum())(y0)
-    reference = jax.grad(
-        lambda y: diffrax.diffeqsolve(
-            diffrax.ODETerm(lambda t, y, args: field(t, y)), solver(), ts[0], ts[-1], None, y,
-            stepsize_controller=diffrax.StepTo(ts),
-        ).ys[-1].sum()
-    )(y0)  # fmt: skip
+    reference = jax.grad(lambda y: _by_diffeqsolve(field, solver, ts, y).sum())(y0)
     np.testing.assert_allclose(ours, reference, rtol=1e-12)
