@@ -136,3 +136,40 @@ def test_quick_run_skips_overhead_and_measures_it_on_request(quick, x64):
         # a sampler making NFE model calls cannot be much faster than NFE bare calls
         assert math.isfinite(r["overhead"]) and r["overhead_per_nfe"] > 0.5 and r["overhead_of_minima"] > 0.5
     assert "ratio of minima" in bench.overhead_table(bare_seconds, rows)
+
+
+def test_quick_run_rescores_each_budgets_best_row_on_fresh_draws(quick):
+    out, summary, rows = quick
+    fresh = summary["fresh"]
+    with open(out / "fresh_draws.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == len(fresh)
+    for dim in (2, 64):
+        mine = [r for r in fresh if r["dim"] == dim]
+        for budget in (5, 10):
+            here = [r for r in mine if r["budget"] == budget]
+            assert [r["draw"] for r in here] == [0, 1]
+            # the row re-scored is the one with the lowest SW2 on the main draw
+            best = min((r for r in rows if int(r["dim"]) == dim and r["budget"] == str(budget)), key=lambda r: float(r["sw2"]))
+            assert {r["method"] for r in here} == {f"{best['method']} / {best['grid']}"}
+            assert all(r["nfe"] <= budget for r in here)
+        # one exact PF ODE per draw, shared by every budget; fresh draws differ from each other
+        exact = {r["draw"]: r["exact_sw2"] for r in mine}
+        assert all(r["exact_sw2"] == exact[r["draw"]] for r in mine) and exact[0] != exact[1]
+
+
+def test_fresh_draws_pair_each_sampler_with_the_exact_pf_ode_of_its_own_starts(quick, x64):
+    _, summary, _ = quick
+    # the reference solve itself, re-scored: its SW2 equals the exact one's draw by draw, no error left
+    fresh = bench.fresh_draws(summary["problems"][2], {0: ("reference", bench.reference_method())}, draws=2)
+    assert all(r["sw2"] == r["exact_sw2"] for r in fresh)
+    assert bench.floor_removed(fresh) == (0.0, 0.0)
+
+
+def test_floor_removed_is_the_root_of_the_mean_paired_excess():
+    rows = [dict(sw2=math.sqrt(f**2 + e2), exact_sw2=f) for f, e2 in [(0.02, 1e-4), (0.03, 3e-4), (0.01, 2e-4)]]
+    estimate, bound = bench.floor_removed(rows)
+    sem = 1e-4 / math.sqrt(3)  # stdev of (1, 3, 2)·1e-4 is 1e-4
+    assert estimate == pytest.approx(math.sqrt(2e-4), rel=1e-9)
+    assert bound == pytest.approx(math.sqrt(2e-4 + 2 * sem), rel=1e-9)
+    # a sampler scoring under the exact draws has no measurable error: the estimate is clipped at 0
+    assert bench.floor_removed([dict(sw2=0.01, exact_sw2=0.02), dict(sw2=0.015, exact_sw2=0.02)])[0] == 0.0
