@@ -7,34 +7,43 @@ import jax
 import jax.numpy as jnp
 
 from .grids import AbstractTimeGrid, UniformTime
-from .reverse import ReverseSDE
-from .sample import AbstractSamplingMethod, SampleInfo, sampling_noise
+from .sample import AbstractSamplingMethod, ReverseDiffusion, SampleInfo, sampling_noise
 
 
 class PredictorCorrector(AbstractSamplingMethod):
-    """At each grid time ``t_i``: ``corrector_steps`` Langevin steps targeting ``p_{t_i}``,
+    """On ``num_steps`` intervals ``t_i > t_{i+1}`` of ``grid``: ``corrector_steps`` Langevin steps
+    targeting ``p_{t_i}``,
 
         ε = 2 (snr · mean‖z‖ / mean‖s_θ(t_i, x)‖)²,   x ← x + ε s_θ(t_i, x) + √(2ε) z,
 
     (the signal-to-noise rule, norms averaged over the batch as in Song et al.: per-sample norms
-    explode in low dimension where ``s_θ`` vanishes near modes), then one Euler–Maruyama step of
-    the reverse SDE to ``t_{i+1}``. Works for any SDE; ``nfe = num_steps (1 + corrector_steps)``.
+    explode in low dimension where ``s_θ`` vanishes near modes), then ``predictor`` from ``t_i`` to
+    ``t_{i+1}``: any sampling method, run on that interval (its own grid splits it). Song et al.'s
+    predictors are ``ReverseDiffusion(1)`` (the default, Euler–Maruyama; any SDE), ancestral sampling
+    ``DDIM(1, eta=1.0, grid=UniformTime())`` (one step: a grid that may end at σ = 0) and
+    ``ProbabilityFlow(diffrax.Euler(), num_steps=1)``.
+    ``nfe = num_steps · corrector_steps +`` the predictor's evaluations. The intervals before the
+    last run in one ``lax.scan`` (the predictor sees traced times there, as in ``Resampling``).
     """
 
     num_steps: int = eqx.field(static=True)
     snr: float = 0.16
     corrector_steps: int = eqx.field(default=1, static=True)
     grid: AbstractTimeGrid = UniformTime()
+    predictor: AbstractSamplingMethod = ReverseDiffusion(1)
 
     def __check_init__(self):
-        if self.num_steps < 1 or self.corrector_steps < 0 or not self.snr > 0:
-            raise ValueError("need num_steps ≥ 1, corrector_steps ≥ 0 and snr > 0")
+        if not isinstance(self.predictor, AbstractSamplingMethod):
+            raise TypeError(f"predictor must be a sampling method, got {self.predictor!r}")
+        for name, minimum in (("num_steps", 1), ("corrector_steps", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"{name} must be an int ≥ {minimum}, got {value!r}")
+        if not self.snr > 0:
+            raise ValueError(f"snr must be > 0, got {self.snr!r}")
 
     def __call__(self, sde, model, key, x_start, t_start, t_end):
         ts = self.grid.times(sde, t_start, t_end, self.num_steps).astype(x_start.dtype)
-        reverse = ReverseSDE(sde, lambda t, x: model.score(sde, t, x))
-        noise = sde.noise(x_start[0])
-        noise_shape = noise.shape(x_start.shape[1:], jax.eval_shape(sde.diffusion, sde.t0, x_start[0]).shape)
         score = jax.vmap(model.score, in_axes=(None, None, 0))
         n = x_start.shape[0]
 
@@ -47,21 +56,19 @@ class PredictorCorrector(AbstractSamplingMethod):
             eps = 2 * (self.snr * norm(z) / norm(grad)) ** 2
             return x + eps * grad + jnp.sqrt(2 * eps) * z
 
-        def predictor(t, t_next, x, key):
-            ds, s = t - t_next, sde.t1 - t
-
-            def one(x, key):
-                dw = jnp.sqrt(ds) * sampling_noise(key, noise_shape, x.dtype)
-                return x + reverse.drift(s, x) * ds + noise.apply(reverse.diffusion(s, x), dw)
-
-            return jax.vmap(one)(x, jax.random.split(key, n))
-
-        def step(x, i):
+        def interval(i, x, stats, t_lo):
             keys = jax.random.split(jax.random.fold_in(key, i), self.corrector_steps + 1)
             for k in keys[1:]:
                 x = langevin(ts[i], x, k)
-            return predictor(ts[i], ts[i + 1], x, keys[0]), None
+            x, info = self.predictor(sde, model, keys[0], x, ts[i], t_lo)
+            counts = (info.nfe + self.corrector_steps, info.num_steps, info.num_accepted_steps, info.num_rejected_steps)
+            return x, tuple(s + jnp.asarray(c, jnp.int32) for s, c in zip(stats, counts))
 
-        x = jax.lax.scan(step, x_start, jnp.arange(self.num_steps))[0]
-        steps = self.num_steps
-        return x, SampleInfo(steps * (1 + self.corrector_steps), steps, steps, 0)
+        def step(carry, i):
+            return interval(i, *carry, ts[i + 1]), None
+
+        last = self.num_steps - 1
+        stats = tuple(jnp.zeros((), jnp.int32) for _ in range(4))
+        (x, stats), _ = jax.lax.scan(step, (x_start, stats), jnp.arange(last))
+        x, stats = interval(last, x, stats, t_end)  # the concrete t_end: a predictor may end at σ = 0
+        return x, SampleInfo(*stats)
