@@ -2,13 +2,19 @@
 
 import csv
 
+import jax
+
 from benchmark_scripts import load_benchmark
 
 bench = load_benchmark("sw2_floor")
 
 
 def test_floor_estimators_order_as_their_count_noise(tmp_path):
-    rows = bench.main(["--n", "1000", "--repeats", "3", "--reference-factor", "4", "--out", str(tmp_path)])
+    previous = jax.config.jax_enable_x64
+    try:  # the script runs in float64
+        rows = bench.main(["--n", "1000", "--repeats", "3", "--reference-factor", "4", "--out", str(tmp_path)])
+    finally:
+        jax.config.update("jax_enable_x64", previous)
     with open(tmp_path / "sw2_floor.csv", newline="") as f:
         assert len(list(csv.DictReader(f))) == len(rows) == 2 * len(bench.ESTIMATORS)
     for dim in (2, 64):
