@@ -634,6 +634,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=7, help="timed runs per overhead measurement (median and minimum)")
     p.add_argument("--draws", type=int, default=None,
                    help="fresh start/target sets re-scoring each budget's best SW2 row (default 5; quick 2)")
+    p.add_argument("--floor-repeats", type=int, default=10,
+                   help="pairs of exact sets per noise-floor estimate (each sorts 2 × batch × 512 projections)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = p.parse_args(argv)
@@ -646,8 +648,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.overhead = (not args.quick) if args.overhead is None else args.overhead
     if args.traj_points > args.batch:
         p.error("--traj-points must not exceed --batch")
-    if args.draws < 2:
-        p.error("--draws must be ≥ 2")
+    if args.draws < 2 or args.floor_repeats < 2:
+        p.error("--draws and --floor-repeats must be ≥ 2")
     if args.repeats < 3:
         p.error("--repeats must be ≥ 3")
     return args
@@ -704,7 +706,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     overhead_rows, bare_seconds, fresh = [], None, []
     for dim in args.dims:
         t0 = time.perf_counter()
-        problem = build_problem(dim, args.seed, args.batch)
+        problem = build_problem(dim, args.seed, args.batch, args.floor_repeats)
         problems[dim] = problem
         line = (
             f"\nd = {dim}: data std {problem.data_std:.4f} (PEERS.md: {PEER_DATA_STD.get(dim, '-')}; our mixture is "
