@@ -753,9 +753,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 tqdm.write(traceback.format_exc(), file=sys.stderr)
                 continue
             results.append(row)
-        best = {}  # per budget, the fixed-step row with the lowest SW2 on this draw
+        best = {}  # per budget, the fixed-step row with the lowest finite SW2 on this draw
         for r in results:
-            if r["dim"] == dim and r["budget"] != "adaptive" and (r["budget"] not in best or r["sw2"] < best[r["budget"]]["sw2"]):
+            if r["dim"] != dim or r["budget"] == "adaptive" or not math.isfinite(r["sw2"]):
+                continue
+            if r["budget"] not in best or r["sw2"] < best[r["budget"]]["sw2"]:
                 best[r["budget"]] = r
         methods = {b: (f"{r['method']} / {r['grid']}", built[r["method"], r["grid"], r["num_steps"]]) for b, r in best.items()}
         fresh += fresh_draws(problem, dict(sorted(methods.items())), args.draws)
