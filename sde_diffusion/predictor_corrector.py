@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from .grids import AbstractTimeGrid, UniformTime
-from .sample import AbstractSamplingMethod, ReverseDiffusion, SampleInfo, sampling_noise
+from .sample import AbstractSamplingMethod, ReverseDiffusion, SampleInfo, add_info, over_intervals, sampling_noise
 
 
 class PredictorCorrector(AbstractSamplingMethod):
@@ -22,8 +22,8 @@ class PredictorCorrector(AbstractSamplingMethod):
     predictors are ``ReverseDiffusion(1)`` (the default, Euler–Maruyama; any SDE), ancestral sampling
     ``DDIM(1, eta=1.0, grid=UniformTime())`` (one step: a grid that may end at σ = 0) and
     ``ProbabilityFlow(diffrax.Euler(), num_steps=1)``.
-    ``nfe = num_steps · corrector_steps +`` the predictor's evaluations. The intervals before the
-    last run in one ``lax.scan`` (the predictor sees traced times there, as in ``Resampling``).
+    ``nfe = num_steps · corrector_steps +`` the predictor's evaluations; the intervals run in
+    ``over_intervals`` (one ``lax.scan``; the predictor sees traced times before the last).
     """
 
     num_steps: int = eqx.field(static=True)
@@ -56,19 +56,11 @@ class PredictorCorrector(AbstractSamplingMethod):
             eps = 2 * (self.snr * norm(z) / norm(grad)) ** 2
             return x + eps * grad + jnp.sqrt(2 * eps) * z
 
-        def interval(i, x, stats, t_lo):
+        def interval(i, x, t_hi, t_lo):
             keys = jax.random.split(jax.random.fold_in(key, i), self.corrector_steps + 1)
             for k in keys[1:]:
-                x = langevin(ts[i], x, k)
-            x, info = self.predictor(sde, model, keys[0], x, ts[i], t_lo)
-            counts = (info.nfe + self.corrector_steps, info.num_steps, info.num_accepted_steps, info.num_rejected_steps)
-            return x, tuple(s + jnp.asarray(c, jnp.int32) for s, c in zip(stats, counts))
+                x = langevin(t_hi, x, k)
+            x, info = self.predictor(sde, model, keys[0], x, t_hi, t_lo)
+            return x, add_info(info, SampleInfo(self.corrector_steps, 0, 0, 0))  # + the corrector's calls
 
-        def step(carry, i):
-            return interval(i, *carry, ts[i + 1]), None
-
-        last = self.num_steps - 1
-        stats = tuple(jnp.zeros((), jnp.int32) for _ in range(4))
-        (x, stats), _ = jax.lax.scan(step, (x_start, stats), jnp.arange(last))
-        x, stats = interval(last, x, stats, t_end)  # the concrete t_end: a predictor may end at σ = 0
-        return x, SampleInfo(*stats)
+        return over_intervals(interval, ts, x_start, t_end)

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from .grids import AbstractTimeGrid, UniformTime
-from .sample import AbstractSamplingMethod, SampleInfo, sampling_noise
+from .sample import AbstractSamplingMethod, add_info, no_info, over_intervals, sampling_noise
 from .schedule import AbstractScheduleSDE
 
 
@@ -42,30 +42,23 @@ class Resampling(AbstractSamplingMethod):
         if not isinstance(sde, AbstractScheduleSDE):
             raise TypeError(f"Resampling needs a ScheduleSDE (its forward kernel), got {type(sde).__name__}")
         ts = self.grid.times(sde, t_start, t_end, self.num_segments).astype(x.dtype)
-        stats = tuple(jnp.zeros((), jnp.int32) for _ in range(4))
 
-        def segment(carry, i):
-            return self._segment(sde, model, jax.random.fold_in(key, i), *carry, ts[i], ts[i + 1]), None
+        def segment(i, x, t_hi, t_lo):
+            return self._segment(sde, model, jax.random.fold_in(key, i), x, t_hi, t_lo)
 
-        last = self.num_segments - 1
-        (x, stats), _ = jax.lax.scan(segment, (x, stats), jnp.arange(last))
-        x, stats = self._segment(sde, model, jax.random.fold_in(key, last), x, stats, ts[last], t_end)
-        return x, SampleInfo(*stats)
+        return over_intervals(segment, ts, x, t_end)
 
-    def _segment(self, sde, model, key, x, stats, t_hi, t_lo):
+    def _segment(self, sde, model, key, x, t_hi, t_lo):
         """``num_resamples`` runs of ``method`` from ``t_hi`` to ``t_lo``, renoised in between."""
         ratio = sde.alpha(t_hi) / sde.alpha(t_lo)
         renoise_std = jnp.sqrt(jnp.maximum(sde.sigma2(t_hi) - ratio**2 * sde.sigma2(t_lo), 0.0))
 
-        def run(key, x, stats):
-            x, info = self.method(sde, model, key, x, t_hi, t_lo)
-            counts = (info.nfe, info.num_steps, info.num_accepted_steps, info.num_rejected_steps)
-            return x, tuple(s + jnp.asarray(c, jnp.int32) for s, c in zip(stats, counts))
-
         def cycle(r, carry):
             run_key, noise_key = jax.random.split(jax.random.fold_in(key, r))
-            x, stats = carry
-            return run(run_key, ratio * x + renoise_std * sampling_noise(noise_key, x.shape, x.dtype), stats)
+            x, total = carry
+            renoised = ratio * x + renoise_std * sampling_noise(noise_key, x.shape, x.dtype)
+            x, info = self.method(sde, model, run_key, renoised, t_hi, t_lo)
+            return x, add_info(total, info)
 
-        x, stats = run(jax.random.fold_in(key, 0), x, stats)
-        return jax.lax.fori_loop(1, self.num_resamples, cycle, (x, stats))
+        x, info = self.method(sde, model, jax.random.fold_in(key, 0), x, t_hi, t_lo)
+        return jax.lax.fori_loop(1, self.num_resamples, cycle, (x, add_info(no_info(), info)))

@@ -54,6 +54,35 @@ class SampleInfo(eqx.Module):
     num_rejected_steps: int | Array
 
 
+def no_info() -> SampleInfo:
+    """A ``SampleInfo`` of int32 zeros: the start of a sum of ``add_info``."""
+    return SampleInfo(*(jnp.zeros((), jnp.int32) for _ in range(4)))
+
+
+def add_info(total: SampleInfo, info: SampleInfo) -> SampleInfo:
+    """Field-wise sum of two ``SampleInfo``, as int32 arrays."""
+    return jax.tree.map(lambda a, b: jnp.asarray(a, jnp.int32) + jnp.asarray(b, jnp.int32), total, info)
+
+
+def over_intervals(
+    run: Callable[[Array, Array, Array, Array], tuple[Array, SampleInfo]], ts: Array, x: Array, t_end: float
+) -> tuple[Array, SampleInfo]:
+    """``x`` through ``run(i, x, t_i, t_{i+1}) -> (x, info)`` on each interval of ``ts`` (``t_0 > … > t_N``),
+    the infos summed. The intervals before the last run in one ``lax.scan`` (``run`` sees traced
+    times there), so compilation does not grow with N; the last ends at the concrete ``t_end``, where
+    a method may end at σ = 0."""
+
+    def step(carry, i):
+        x, total = carry
+        x, info = run(i, x, ts[i], ts[i + 1])
+        return (x, add_info(total, info)), None
+
+    last = ts.shape[0] - 2
+    (x, total), _ = jax.lax.scan(step, (x, no_info()), jnp.arange(last))
+    x, info = run(last, x, ts[last], t_end)
+    return x, add_info(total, info)
+
+
 def evaluations_per_step(solver: diffrax.AbstractSolver) -> tuple[int, int]:
     """``(per_step, extra)``: a solve of ``N`` step attempts (rejected included) makes
     ``extra + per_step · N`` evaluations of the drift (the model).
