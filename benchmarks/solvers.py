@@ -9,7 +9,8 @@ every sampler started from exact samples of p_80. Three metrics, all divided by 
 - overhead (d = 64, NFE 20): wall time of one sampler call / wall time of 20 bare denoiser calls.
 
 Usage: ``python benchmarks/solvers.py`` (full, about 20 minutes on a 2-core CPU) or ``--quick`` (under a
-minute). Tables go to stdout (and ``tables.md``), numbers to ``results.csv`` / ``overhead.csv``, a
+minute). Tables go to stdout (and ``tables.md``), numbers to ``results.csv`` (row by row, so an
+interrupted run keeps what it measured), ``fresh_draws.csv`` and ``overhead.csv``, a
 figure to ``solvers.png`` under ``--out``. Methods live in the two registries below: add a line to
 benchmark a new sampler; classes missing from ``sde_diffusion`` are skipped.
 """
@@ -620,6 +621,24 @@ def plot(path: Path, results: list[dict], problems: dict[int, Problem], fixed_ro
 # ------------------------------------------------------------------------------------------------
 
 
+RESULT_COLUMNS = ["method", "grid", "dim", "budget", "tol", "num_steps", "nfe", "nfe_expected", "traj", "traj_worst",
+                  "sw2", "sw2_stratified", "seconds"]  # fmt: skip
+
+
+class CsvRows:
+    """A CSV file written row by row: the header now, each ``add`` appended and closed at once."""
+
+    def __init__(self, path: Path, columns: Sequence[str]):
+        self.path, self.columns = path, list(columns)
+        with open(path, "w", newline="") as f:
+            csv.DictWriter(f, fieldnames=self.columns).writeheader()
+
+    def add(self, rows: list[dict]) -> list[dict]:
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore").writerows(rows)
+        return rows
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dims", type=int, nargs="+", default=[2, 64])
@@ -704,6 +723,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     results, failures, problems, report = [], [], {}, list(intro)
     overhead_rows, bare_seconds, fresh = [], None, []
+    # rows reach the CSVs as they are measured: an interrupted run keeps what it has done
+    results_csv = CsvRows(args.out / "results.csv", RESULT_COLUMNS)
+    fresh_csv = CsvRows(args.out / "fresh_draws.csv", ["dim", "budget", "method", "draw", "nfe", "sw2", "exact_sw2"])
     for dim in args.dims:
         t0 = time.perf_counter()
         problem = build_problem(dim, args.seed, args.batch, args.floor_repeats)
@@ -753,6 +775,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 tqdm.write(traceback.format_exc(), file=sys.stderr)
                 continue
             results.append(row)
+            results_csv.add([row])
         best = {}  # per budget, the fixed-step row with the lowest finite SW2 on this draw
         for r in results:
             if r["dim"] != dim or r["budget"] == "adaptive" or not math.isfinite(r["sw2"]):
@@ -760,7 +783,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             if r["budget"] not in best or r["sw2"] < best[r["budget"]]["sw2"]:
                 best[r["budget"]] = r
         methods = {b: (f"{r['method']} / {r['grid']}", built[r["method"], r["grid"], r["num_steps"]]) for b, r in best.items()}
-        fresh += fresh_draws(problem, dict(sorted(methods.items())), args.draws)
+        fresh += fresh_csv.add(fresh_draws(problem, dict(sorted(methods.items())), args.draws))
         if args.overhead and dim == OVERHEAD_DIM:
             bare_seconds, overhead_rows = measure_overhead(problem, [fr for fr in fixed_rows], args.repeats)
 
@@ -780,22 +803,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     print("\n" + text, flush=True)
     (args.out / "tables.md").write_text("\n".join(report) + "\n\n" + text + "\n")
 
-    columns = ["method", "grid", "dim", "budget", "tol", "num_steps", "nfe", "nfe_expected", "traj", "traj_worst", "sw2",
-               "sw2_stratified", "seconds"]  # fmt: skip
-    with open(args.out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        for r in results:
-            writer.writerow({k: r.get(k, "") for k in columns})
-    with open(args.out / "fresh_draws.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["dim", "budget", "method", "draw", "nfe", "sw2", "exact_sw2"])
-        writer.writeheader()
-        writer.writerows(fresh)
     if overhead_rows:
-        with open(args.out / "overhead.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(overhead_rows[0]))
-            writer.writeheader()
-            writer.writerows(overhead_rows)
+        CsvRows(args.out / "overhead.csv", list(overhead_rows[0])).add(overhead_rows)
     plot(args.out / "solvers.png", results, problems, fixed_rows, adaptive, args.budgets)
     print(f"wrote {args.out / 'results.csv'}, {args.out / 'solvers.png'}, {args.out / 'tables.md'}", flush=True)
     return dict(

@@ -173,3 +173,15 @@ def test_floor_removed_is_the_root_of_the_mean_paired_excess():
     assert bound == pytest.approx(math.sqrt(2e-4 + 2 * sem), rel=1e-9)
     # a sampler scoring under the exact draws has no measurable error: the estimate is clipped at 0
     assert bench.floor_removed([dict(sw2=0.01, exact_sw2=0.02), dict(sw2=0.015, exact_sw2=0.02)])[0] == 0.0
+
+
+def test_csv_rows_are_on_disk_after_each_add(tmp_path):
+    """What an interrupted run leaves: the header and every row added so far, extra keys dropped."""
+    path = tmp_path / "rows.csv"
+    out = bench.CsvRows(path, ["a", "b"])
+    assert path.read_text().splitlines() == ["a,b"]
+    for i in range(3):
+        out.add([dict(a=i, b=2 * i, extra="x")])
+        with open(path, newline="") as f:
+            assert list(csv.DictReader(f))[-1] == {"a": str(i), "b": str(2 * i)}
+    assert out.add([dict(a=9)]) == [dict(a=9)] and path.read_text().splitlines()[-1] == "9,"
