@@ -19,46 +19,31 @@ from __future__ import annotations
 
 import argparse
 import csv
-import math
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
-import numpy as np
+from solvers import PEER_FLOOR, SlicedW2, benchmark_mixture  # benchmarks/ is the script's directory
 from tqdm.auto import tqdm
 
 import sde_diffusion as sd
 
-PEER_FLOOR = {2: (0.0197, 0.0056), 64: (0.0143, 0.0007)}  # shared/reference/PEERS.md, n = 20000
 ESTIMATORS = ("i.i.d. vs i.i.d.", "i.i.d. vs stratified", "stratified vs stratified", "i.i.d. vs the law")
 
 
-def mixture(dim: int, seed: int) -> sd.GaussianMixture:
-    """The data law of benchmarks/solvers.py: the ring at d = 2, a random mixture otherwise."""
-    key = jax.random.key(seed)
-    return sd.GaussianMixture.ring(key) if dim == 2 else sd.GaussianMixture.random(key, dim=dim)
-
-
-def sorted_projections(x: np.ndarray, theta: np.ndarray) -> np.ndarray:
-    return np.sort(theta.T @ x.T, axis=-1)  # (projections, n)
-
-
-def floors(law: sd.GaussianMixture, n: int, repeats: int, reference_factor: int, key: jax.Array) -> dict[str, list[float]]:
+def floors(law: sd.GaussianMixture, data_std: float, n: int, repeats: int, reference_factor: int,
+           key: jax.Array) -> dict[str, list[float]]:  # fmt: skip
     """SW2 / data std of each estimator on ``repeats`` fresh draws (512 directions each)."""
-    data_std = math.sqrt(float(jnp.trace(law.covariance())) / law.means.shape[-1])
     values = {name: [] for name in ESTIMATORS}
-    for k in tqdm(jax.random.split(key, repeats), desc=f"d={law.means.shape[-1]}", leave=False):
+    for k in tqdm(jax.random.split(key, repeats), desc=f"d={law.dim}", leave=False):
         k_a, k_b, k_ref, k_dir = jax.random.split(k, 4)
-        theta = np.asarray(jax.random.normal(k_dir, (law.means.shape[-1], 512)))
-        theta = theta / np.linalg.norm(theta, axis=0)
-        a, b, sa, sb = (sorted_projections(np.asarray(law.sample(kk, n, s)), theta)
-                        for kk, s in ((k_a, False), (k_b, False), (k_a, True), (k_b, True)))  # fmt: skip
-        m = reference_factor * n
-        law_quantiles = sorted_projections(np.asarray(law.sample(k_ref, m, True)), theta)[:, (np.arange(n) * m + m // 2) // n]
-        for name, (x, y) in zip(ESTIMATORS, ((a, b), (a, sb), (sa, sb), (a, law_quantiles))):
-            values[name].append(float(np.sqrt(np.mean((x - y) ** 2))) / data_std)
+        b, sb, large = law.sample(k_b, n), law.sample(k_b, n, True), law.sample(k_ref, reference_factor * n, True)
+        sw2 = SlicedW2(b, k_dir, extra_targets=[sb, large])
+        iid, iid_stratified, iid_law = sw2.each(law.sample(k_a, n))
+        stratified = sw2.each(law.sample(k_a, n, True))[1]
+        for name, v in zip(ESTIMATORS, (iid, iid_stratified, stratified, iid_law)):
+            values[name].append(v / data_std)
     return values
 
 
@@ -78,7 +63,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     rows = []
     for dim in args.dims:
         for seed in args.seeds:
-            values = floors(mixture(dim, seed), args.n, args.repeats, args.reference_factor, jax.random.key(1000 + seed))
+            law, data_std = benchmark_mixture(dim, seed)
+            values = floors(law, data_std, args.n, args.repeats, args.reference_factor, jax.random.key(1000 + seed))
             for name, v in values.items():
                 rows.append(dict(dim=dim, seed=seed, estimator=name, mean=statistics.mean(v), std=statistics.stdev(v),
                                  min=min(v), max=max(v), repeats=len(v), n=args.n))  # fmt: skip

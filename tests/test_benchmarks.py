@@ -65,6 +65,16 @@ def test_sliced_w2_helper_equals_the_library_metric(x64):
     assert bench.SlicedW2(y, keys[2], num_projections=64)(x) == pytest.approx(expected, rel=1e-12)
 
 
+def test_sliced_w2_reads_a_larger_target_at_the_mid_quantiles(x64):
+    keys = jax.random.split(jax.random.key(0), 3)
+    x, y = jax.random.normal(keys[0], (200, 3)), jax.random.normal(keys[1], (200, 3))
+    # each point of x three times: its n mid-quantiles are x's own order statistics, at distance 0
+    sw2 = bench.SlicedW2(y, keys[2], num_projections=32, extra_targets=[jax.numpy.repeat(x, 3, axis=0)])
+    assert sw2.each(x)[1] == 0.0 and sw2.each(x)[0] > 0.1
+    with pytest.raises(ValueError, match="multiple of 200"):
+        bench.SlicedW2(y, keys[2], extra_targets=[x[:150]])
+
+
 def test_quick_run_writes_outputs_without_failures(quick):
     out, summary, rows = quick
     assert summary["failures"] == []
