@@ -719,8 +719,13 @@ def available_methods(patterns: list[str] | None) -> tuple[list[tuple[Fixed, str
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    jax.config.update("jax_enable_x64", True)
+    """Parse ``argv`` and ``run`` in float64 (the precision the caller had is kept outside)."""
     args = parse_args(argv)
+    with jax.enable_x64(True):
+        return run(args)
+
+
+def run(args: argparse.Namespace) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     fixed_rows, adaptive, skipped = available_methods(args.methods)
     started = time.perf_counter()

@@ -94,11 +94,7 @@ def test_training_on_the_accelerator_agrees_with_the_cpu(accelerator):
 
 def test_quick_benchmark_runs_on_the_accelerator(accelerator, tmp_path):
     bench = load_benchmark("solvers")
-    previous = jax.config.jax_enable_x64
-    try:
-        with jax.default_device(accelerator):
-            summary = bench.main(["--quick", "--dims", "64", "--overhead", "--repeats", "3", "--out", str(tmp_path)])
-    finally:
-        jax.config.update("jax_enable_x64", previous)
+    with jax.default_device(accelerator):
+        summary = bench.main(["--quick", "--dims", "64", "--overhead", "--repeats", "3", "--out", str(tmp_path)])
     assert summary["failures"] == [] and summary["overhead"]
     assert all(np.isfinite(r["overhead"]) and r["overhead_per_nfe"] > 0.5 for r in summary["overhead"])

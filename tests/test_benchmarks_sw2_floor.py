@@ -11,10 +11,8 @@ bench = load_benchmark("sw2_floor")
 
 def test_floor_estimators_order_as_their_count_noise(tmp_path):
     previous = jax.config.jax_enable_x64
-    try:  # the script runs in float64
-        rows = bench.main(["--n", "1000", "--repeats", "3", "--reference-factor", "4", "--out", str(tmp_path)])
-    finally:
-        jax.config.update("jax_enable_x64", previous)
+    rows = bench.main(["--n", "1000", "--repeats", "3", "--reference-factor", "4", "--out", str(tmp_path)])
+    assert jax.config.jax_enable_x64 == previous  # it runs in float64 and keeps the caller's precision
     with open(tmp_path / "sw2_floor.csv", newline="") as f:
         assert len(list(csv.DictReader(f))) == len(rows) == 2 * len(bench.ESTIMATORS)
     for dim in (2, 64):
